@@ -1,0 +1,266 @@
+//! Causal grouped-query attention, head-major, with key padding mask and optional sliding window.
+//!
+//! Forward keeps only the log-sum-exp of each query row; backward recomputes the probabilities
+//! from it (as flash attention does), so no `[seq × seq]` matrix outlives one query row.
+
+use rayon::prelude::*;
+
+/// Shapes and masking rules of one attention call. Query `i` sits at absolute position
+/// `q_offset + i`; key `j` at position `j`. A key is visible when it is not in the future, not
+/// padding (`key_mask[b·kv_len + j]`), and, with a window `w`, fewer than `w` positions back.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub head_dim: usize,
+    pub q_offset: usize,
+    pub window: Option<usize>,
+}
+
+impl AttnShape {
+    fn group(&self) -> usize {
+        assert!(self.kv_heads > 0 && self.heads % self.kv_heads == 0, "heads must be a multiple of kv_heads");
+        self.heads / self.kv_heads
+    }
+
+    /// The contiguous key range query `i` may see (before the padding mask).
+    fn key_range(&self, i: usize) -> std::ops::Range<usize> {
+        let pos = self.q_offset + i;
+        let hi = (pos + 1).min(self.kv_len);
+        let lo = match self.window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        };
+        lo.min(hi)..hi
+    }
+}
+
+/// Dot product with eight independent accumulators so the compiler can vectorize it.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[inline]
+fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    for (a, &b) in y.iter_mut().zip(x) {
+        *a += alpha * b;
+    }
+}
+
+/// `out = softmax(q·kᵀ·scale + mask)·v` per head; `lse` receives each row's log-sum-exp
+/// (−∞ for a row that sees no key, whose output is zero).
+pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
+    let (hd, tq, tk) = (s.head_dim, s.q_len, s.kv_len);
+    let g = s.group();
+    assert_eq!(q.len(), s.batch * s.heads * tq * hd);
+    assert_eq!(k.len(), s.batch * s.kv_heads * tk * hd);
+    assert_eq!(v.len(), k.len());
+    assert_eq!(key_mask.len(), s.batch * tk);
+    assert_eq!(out.len(), q.len());
+    assert_eq!(lse.len(), s.batch * s.heads * tq);
+    let scale = 1.0 / (hd as f32).sqrt();
+    out.par_chunks_mut(tq * hd).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (o, l))| {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        let kv = (b * s.kv_heads + h / g) * tk * hd;
+        let (kb, vb) = (&k[kv..kv + tk * hd], &v[kv..kv + tk * hd]);
+        let mask = &key_mask[b * tk..(b + 1) * tk];
+        let mut scores = vec![0.0f32; tk];
+        for i in 0..tq {
+            let qi = &q[(bh * tq + i) * hd..][..hd];
+            let oi = &mut o[i * hd..(i + 1) * hd];
+            oi.fill(0.0);
+            let mut m = f32::NEG_INFINITY;
+            let range = s.key_range(i);
+            for j in range.clone() {
+                scores[j] = if mask[j] { dot(qi, &kb[j * hd..(j + 1) * hd]) * scale } else { f32::NEG_INFINITY };
+                m = m.max(scores[j]);
+            }
+            if m == f32::NEG_INFINITY {
+                l[i] = f32::NEG_INFINITY;
+                continue;
+            }
+            let mut sum = 0.0f32;
+            for j in range.clone() {
+                let p = (scores[j] - m).exp();
+                scores[j] = p;
+                sum += p;
+            }
+            let inv = 1.0 / sum;
+            for j in range {
+                if scores[j] > 0.0 {
+                    axpy(oi, scores[j] * inv, &vb[j * hd..(j + 1) * hd]);
+                }
+            }
+            l[i] = m + sum.ln();
+        }
+    });
+}
+
+/// Gradients of `attention_forward` with respect to q, k and v (all overwritten), given the
+/// forward's `out` and `lse` and the incoming gradient `dout`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &[f32], lse: &[f32], dout: &[f32],
+    dq: &mut [f32], dk: &mut [f32], dv: &mut [f32],
+) {
+    let (hd, tq, tk) = (s.head_dim, s.q_len, s.kv_len);
+    let g = s.group();
+    assert_eq!(dq.len(), q.len());
+    assert_eq!(dk.len(), k.len());
+    assert_eq!(dv.len(), v.len());
+    assert_eq!(dout.len(), out.len());
+    let scale = 1.0 / (hd as f32).sqrt();
+    dq.par_chunks_mut(g * tq * hd)
+        .zip(dk.par_chunks_mut(tk * hd))
+        .zip(dv.par_chunks_mut(tk * hd))
+        .enumerate()
+        .for_each(|(bkv, ((dqg, dkc), dvc))| {
+            let b = bkv / s.kv_heads;
+            let kb = &k[bkv * tk * hd..(bkv + 1) * tk * hd];
+            let vb = &v[bkv * tk * hd..(bkv + 1) * tk * hd];
+            let mask = &key_mask[b * tk..(b + 1) * tk];
+            dqg.fill(0.0);
+            dkc.fill(0.0);
+            dvc.fill(0.0);
+            for gi in 0..g {
+                let bh = bkv * g + gi; // query heads of a group are consecutive
+                for i in 0..tq {
+                    let row = bh * tq + i;
+                    let lse_i = lse[row];
+                    if lse_i == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let qi = &q[row * hd..(row + 1) * hd];
+                    let doi = &dout[row * hd..(row + 1) * hd];
+                    let d_i = dot(doi, &out[row * hd..(row + 1) * hd]);
+                    let dqi = &mut dqg[(gi * tq + i) * hd..][..hd];
+                    for j in s.key_range(i) {
+                        if !mask[j] {
+                            continue;
+                        }
+                        let kj = &kb[j * hd..(j + 1) * hd];
+                        let p = (dot(qi, kj) * scale - lse_i).exp();
+                        let dp = dot(doi, &vb[j * hd..(j + 1) * hd]);
+                        let ds = p * (dp - d_i) * scale;
+                        axpy(dqi, ds, kj);
+                        axpy(&mut dkc[j * hd..(j + 1) * hd], ds, qi);
+                        axpy(&mut dvc[j * hd..(j + 1) * hd], p, doi);
+                    }
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::{check_directional, dot as dot64, randn};
+    use crate::rng::Rng;
+
+    fn shape(window: Option<usize>) -> AttnShape {
+        AttnShape { batch: 2, heads: 4, kv_heads: 2, q_len: 6, kv_len: 6, head_dim: 8, q_offset: 0, window }
+    }
+
+    fn mask() -> Vec<bool> {
+        // second sequence right-padded after 4 tokens
+        (0..12).map(|i| i < 6 || i % 6 < 4).collect()
+    }
+
+    /// Naive reference: full softmax with an explicit mask matrix.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], m: &[bool], s: AttnShape) -> Vec<f32> {
+        let hd = s.head_dim;
+        let mut out = vec![0.0; q.len()];
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                let kvh = h / (s.heads / s.kv_heads);
+                for i in 0..s.q_len {
+                    let qi = &q[((b * s.heads + h) * s.q_len + i) * hd..][..hd];
+                    let vis = |j: usize| j <= i && m[b * s.kv_len + j] && s.window.is_none_or(|w| i - j < w);
+                    let sc: Vec<f64> = (0..s.kv_len)
+                        .map(|j| if vis(j) { dot64(qi, &k[((b * s.kv_heads + kvh) * s.kv_len + j) * hd..][..hd]) / (hd as f64).sqrt() } else { f64::NEG_INFINITY })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for j in 0..s.kv_len {
+                        for d in 0..hd {
+                            out[((b * s.heads + h) * s.q_len + i) * hd + d] += (e[j] / z * v[((b * s.kv_heads + kvh) * s.kv_len + j) * hd + d] as f64) as f32;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn forward_matches_reference_and_gradients_check() {
+        for window in [None, Some(3)] {
+            let s = shape(window);
+            let mut rng = Rng::new(9);
+            let nq = s.batch * s.heads * s.q_len * s.head_dim;
+            let nk = s.batch * s.kv_heads * s.kv_len * s.head_dim;
+            let (q, k, v) = (randn(&mut rng, nq, 1.0), randn(&mut rng, nk, 1.0), randn(&mut rng, nk, 1.0));
+            let m = mask();
+            let probe = randn(&mut rng, nq, 1.0);
+            let mut out = vec![0.0; nq];
+            let mut lse = vec![0.0; s.batch * s.heads * s.q_len];
+            attention_forward(&q, &k, &v, &m, s, &mut out, &mut lse);
+            let r = reference(&q, &k, &v, &m, s);
+            let err = out.iter().zip(&r).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err < 1e-5, "forward error {err}");
+
+            let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+            attention_backward(&q, &k, &v, &m, s, &out, &lse, &probe, &mut dq, &mut dk, &mut dv);
+            let run = |q: &[f32], k: &[f32], v: &[f32]| {
+                let mut o = vec![0.0; nq];
+                let mut l = vec![0.0; s.batch * s.heads * s.q_len];
+                attention_forward(q, k, v, &m, s, &mut o, &mut l);
+                dot64(&o, &probe)
+            };
+            check_directional("attn dq", &q, &dq, |x| run(x, &k, &v), 3);
+            check_directional("attn dk", &k, &dk, |x| run(&q, x, &v), 4);
+            check_directional("attn dv", &v, &dv, |x| run(&q, &k, x), 5);
+        }
+    }
+
+    #[test]
+    fn offset_queries_match_the_tail_of_a_full_pass() {
+        // Decoding with a cache: the last 2 queries against all 6 keys equal rows 4..6 of the full pass.
+        let full = AttnShape { batch: 1, heads: 2, kv_heads: 1, q_len: 6, kv_len: 6, head_dim: 8, q_offset: 0, window: None };
+        let mut rng = Rng::new(2);
+        let q = randn(&mut rng, 2 * 6 * 8, 1.0);
+        let k = randn(&mut rng, 6 * 8, 1.0);
+        let v = randn(&mut rng, 6 * 8, 1.0);
+        let m = vec![true; 6];
+        let mut out = vec![0.0; q.len()];
+        let mut lse = vec![0.0; 12];
+        attention_forward(&q, &k, &v, &m, full, &mut out, &mut lse);
+        let tail: Vec<f32> = (0..2).flat_map(|h| q[(h * 6 + 4) * 8..(h * 6 + 6) * 8].to_vec()).collect();
+        let part = AttnShape { q_len: 2, q_offset: 4, ..full };
+        let mut out2 = vec![0.0; tail.len()];
+        let mut lse2 = vec![0.0; 4];
+        attention_forward(&tail, &k, &v, &m, part, &mut out2, &mut lse2);
+        for h in 0..2 {
+            for x in 0..16 {
+                assert!((out2[h * 16 + x] - out[(h * 6 + 4) * 8 + x]).abs() < 1e-6);
+            }
+        }
+    }
+}

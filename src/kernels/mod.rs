@@ -1,0 +1,41 @@
+//! Pure numerical kernels on f32 slices. Each kernel that takes part in training has a backward
+//! and a finite-difference gradient test (see `gradcheck` in the tests of each file).
+//!
+//! Layout conventions: matrices are row-major; activations are token-major `[tokens, features]`
+//! unless a function says otherwise; attention works on head-major `[batch, heads, seq, head_dim]`.
+
+pub mod activations;
+pub mod attention;
+pub mod loss;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+
+pub use matmul::matmul;
+
+/// Test helpers shared by the kernel tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use crate::rng::Rng;
+
+    pub fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| scale * rng.normal()).collect()
+    }
+
+    pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+    }
+
+    /// Checks an analytic gradient by a central finite difference along a random direction `d`:
+    /// (L(x + eps d) - L(x - eps d)) / 2 eps must equal <grad, d>. `loss` evaluates L at a point.
+    pub fn check_directional(name: &str, x: &[f32], grad: &[f32], loss: impl Fn(&[f32]) -> f64, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let d = randn(&mut rng, x.len(), 1.0);
+        let eps = 1e-2f32;
+        let shifted = |sign: f32| -> Vec<f32> { x.iter().zip(&d).map(|(&a, &b)| a + sign * eps * b).collect() };
+        let numeric = (loss(&shifted(1.0)) - loss(&shifted(-1.0))) / (2.0 * eps as f64);
+        let analytic = dot(grad, &d);
+        let err = (numeric - analytic).abs() / analytic.abs().max(1e-3);
+        assert!(err < 2e-3, "{name}: finite difference {numeric} vs analytic {analytic} (rel err {err:.2e})");
+    }
+}

@@ -1,0 +1,9 @@
+//! Model architectures: configuration, weight files and the decoder family's forward/backward.
+
+pub mod config;
+pub mod decoder;
+pub mod weights;
+
+pub use config::{Arch, DecoderConfig};
+pub use decoder::{Batch, DecoderModel, Linear, ModuleKind};
+pub use weights::TensorStore;

@@ -1,0 +1,178 @@
+//! Memory-mapped safetensors weights: one file, or shards listed in `model.safetensors.index.json`.
+//! Tensors are converted to f32 on request; a missing tensor or a wrong shape names the tensor.
+
+use anyhow::{bail, Context, Result};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    /// Byte offset of the data section (8-byte length + JSON header).
+    data_start: usize,
+    meta: Metadata,
+}
+
+pub struct TensorStore {
+    shards: Vec<Shard>,
+    /// Tensor name → shard index.
+    index: HashMap<String, usize>,
+}
+
+/// Shape and element type of one stored tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorMeta {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+impl TensorStore {
+    /// Opens `model.safetensors`, or the shards named by `model.safetensors.index.json`, in `dir`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if single.exists() {
+            Self::open_files(&[single])
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).with_context(|| format!("{}: no \"weight_map\"", index.display()))?;
+            let files: std::collections::BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+            let paths: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
+            Self::open_files(&paths)
+        } else {
+            bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
+        }
+    }
+
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        for path in paths {
+            let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            // SAFETY: the file is opened read-only; like every mmap-based loader we assume it is not
+            // truncated while we run.
+            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+            for name in meta.tensors().keys() {
+                if index.insert(name.clone(), shards.len()).is_some() {
+                    bail!("tensor {name} appears in more than one shard (second: {})", path.display());
+                }
+            }
+            shards.push(Shard { path: path.clone(), map, data_start: 8 + header_len, meta });
+        }
+        Ok(TensorStore { shards, index })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All tensors, sorted by name.
+    pub fn list(&self) -> BTreeMap<String, TensorMeta> {
+        self.index.keys().map(|n| (n.clone(), self.meta(n).unwrap())).collect()
+    }
+
+    pub fn meta(&self, name: &str) -> Option<TensorMeta> {
+        let shard = &self.shards[*self.index.get(name)?];
+        let info = shard.meta.info(name)?;
+        Some(TensorMeta { dtype: info.dtype, shape: info.shape.clone() })
+    }
+
+    fn bytes(&self, name: &str) -> Result<(&[u8], TensorMeta, &Path)> {
+        let Some(&s) = self.index.get(name) else { bail!("tensor {name} not found in the weights") };
+        let shard = &self.shards[s];
+        let info = shard.meta.info(name).expect("indexed tensor has metadata");
+        let (a, b) = info.data_offsets;
+        let bytes = shard
+            .map
+            .get(shard.data_start + a..shard.data_start + b)
+            .with_context(|| format!("{}: tensor {name} lies outside the file", shard.path.display()))?;
+        Ok((bytes, TensorMeta { dtype: info.dtype, shape: info.shape.clone() }, &shard.path))
+    }
+
+    /// The tensor as f32, checked against `shape`.
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (bytes, meta, path) = self.bytes(name)?;
+        if meta.shape != shape {
+            bail!("tensor {name} in {} has shape {:?}, expected {:?}", path.display(), meta.shape, shape);
+        }
+        to_f32(bytes, meta.dtype).with_context(|| format!("tensor {name} in {}", path.display()))
+    }
+
+    /// The tensor as f32 with whatever shape it has.
+    pub fn f32_any(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (bytes, meta, path) = self.bytes(name)?;
+        let v = to_f32(bytes, meta.dtype).with_context(|| format!("tensor {name} in {}", path.display()))?;
+        Ok((v, meta.shape))
+    }
+
+    /// An integer tensor as i64 (for fixtures: token ids, masks, labels).
+    pub fn i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+        let (bytes, meta, _) = self.bytes(name)?;
+        let v = match meta.dtype {
+            Dtype::I64 => bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+            Dtype::I32 => bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect(),
+            d => bail!("tensor {name} has dtype {d:?}, expected an integer type"),
+        };
+        Ok((v, meta.shape))
+    }
+}
+
+fn to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+        d => bail!("dtype {d:?} is not a floating-point type lowrank loads (F32, F16, BF16, F64)"),
+    })
+}
+
+/// Little-endian f32 bytes, for writing safetensors.
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Serializes named f32 tensors (sorted by name, as safetensors requires) to safetensors bytes.
+pub fn serialize_f32(tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors.iter().map(|(n, (s, v))| (n.clone(), f32_bytes(v), s.clone())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, b, s)| Ok((n.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+    Ok(safetensors::serialize(views, metadata)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_f16_bf16_f32_and_names_bad_tensors() {
+        let dir = std::env::temp_dir().join(format!("lowrank-weights-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vals = [1.5f32, -2.25, 0.125, 3.0];
+        let f16b: Vec<u8> = vals.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect();
+        let bf16b: Vec<u8> = vals.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect();
+        let f32b = f32_bytes(&vals);
+        let views = vec![
+            ("a16", safetensors::tensor::TensorView::new(Dtype::F16, vec![2, 2], &f16b).unwrap()),
+            ("b16", safetensors::tensor::TensorView::new(Dtype::BF16, vec![4], &bf16b).unwrap()),
+            ("c32", safetensors::tensor::TensorView::new(Dtype::F32, vec![1, 4], &f32b).unwrap()),
+        ];
+        std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+        let st = TensorStore::open_dir(&dir).unwrap();
+        assert_eq!(st.f32("a16", &[2, 2]).unwrap(), vals);
+        assert_eq!(st.f32("b16", &[4]).unwrap(), vals);
+        assert_eq!(st.f32("c32", &[1, 4]).unwrap(), vals);
+        let e = st.f32("a16", &[4, 1]).unwrap_err().to_string();
+        assert!(e.contains("a16") && e.contains("[2, 2]") && e.contains("[4, 1]"), "{e}");
+        assert!(st.f32("nope", &[1]).unwrap_err().to_string().contains("nope"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
