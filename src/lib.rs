@@ -1,0 +1,15 @@
+//! lowrank: LoRA fine-tuning of pre-trained transformer language models on the CPU, with an
+//! explicit forward and hand-derived backward pass and PEFT-compatible adapters.
+//!
+//! Layers, top to bottom: `train` (optimizer, schedules), `lora` (config, adapters, PEFT files),
+//! `model` (configs, weights, architectures), `kernels` (numerics on slices).
+
+pub mod io;
+pub mod kernels;
+pub mod lora;
+pub mod model;
+pub mod rng;
+pub mod train;
+
+pub use lora::{LoraAdapter, LoraConfig, TargetModules};
+pub use model::{Batch, DecoderModel};

@@ -14,6 +14,7 @@ Run with the reference venv (../shared/tools/setup_peft_env.sh):
 CI never runs this; the outputs are committed.
 """
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -42,7 +43,7 @@ CASES = {
         lora=dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
                   rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 2},
                   task_type="CAUSAL_LM"),
-        train=dict(lr=2e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, schedule="linear",
+        train=dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, schedule="linear",
                    warmup_steps=1, total_steps=5, max_grad_norm=0.05, steps=3),
     ),
     "tiny-qwen2": dict(
@@ -111,8 +112,8 @@ def build_case(name, case, out_root):
     save_kwargs = dict(safe_serialization=True)
     if case["shard"]:
         save_kwargs["max_shard_size"] = case["shard"]
-    model.to(case["dtype"]).save_pretrained(os.path.join(out, "model"), **save_kwargs)
-    model.to(torch.float32)
+    # Convert a copy: model.to(bf16) would also round the rotary inv_freq buffer of the reference.
+    copy.deepcopy(model).to(case["dtype"]).save_pretrained(os.path.join(out, "model"), **save_kwargs)
 
     lcfg = LoraConfig(**case["lora"])
     pm = get_peft_model(model, lcfg)

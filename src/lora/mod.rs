@@ -1,0 +1,8 @@
+//! LoRA: configuration (PEFT's names), adapter weights and their init, PEFT adapter files.
+
+pub mod adapter;
+pub mod config;
+pub mod peft;
+
+pub use adapter::{LoraAdapter, LoraModule};
+pub use config::{LoraConfig, TargetModules};
