@@ -11,7 +11,8 @@ fn main() {
     let (mask, _) = ex.i64("attention_mask").unwrap();
     let (labels, _) = ex.i64("labels").unwrap();
     let _ = shift_labels(&labels, shape[1]);
-    let batch = lowrank::Batch::new(ids.iter().map(|&t| t as u32).collect(), mask.iter().map(|&m| m != 0).collect(), shape[0], shape[1]).unwrap();
+    let batch =
+        lowrank::Batch::new(ids.iter().map(|&t| t as u32).collect(), mask.iter().map(|&m| m != 0).collect(), shape[0], shape[1]).unwrap();
     let lg = model.forward(&batch, &adapter).unwrap();
     let base = model.forward(&batch, &lowrank::model::decoder::NoAdapter).unwrap();
     let mut t = std::collections::BTreeMap::new();

@@ -13,3 +13,4 @@ pub mod train;
 
 pub use lora::{LoraAdapter, LoraConfig, TargetModules};
 pub use model::{Batch, DecoderModel};
+pub mod tokenizer;

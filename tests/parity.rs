@@ -97,7 +97,8 @@ fn three_adamw_steps(name: &str) {
     let f = |k: &str| t[k].as_f64().unwrap();
     let u = |k: &str| t[k].as_u64().unwrap() as usize;
     let schedule = Schedule::parse(t["schedule"].as_str().unwrap()).unwrap();
-    let mut opt = AdamW::new(c.adapter.num_params(), t["betas"][0].as_f64().unwrap(), t["betas"][1].as_f64().unwrap(), f("eps"), f("weight_decay"));
+    let mut opt =
+        AdamW::new(c.adapter.num_params(), t["betas"][0].as_f64().unwrap(), t["betas"][1].as_f64().unwrap(), f("eps"), f("weight_decay"));
     let (want_losses, want_norms, want_lrs) = (expected(&c, "step_losses"), expected(&c, "step_grad_norms"), expected(&c, "step_lrs"));
     let count = c.targets.iter().flatten().count();
     let mut clipped = false;
@@ -173,7 +174,10 @@ fn adapter_for_another_base_names_the_tensor_and_both_shapes() {
     let llama = load_case("tiny-llama");
     let qwen = DecoderModel::from_hf_dir(&fixture("tiny-qwen2/model")).unwrap();
     let e = format!("{:#}", lora::peft::load(&fixture("tiny-llama/peft_adapter"), &qwen).unwrap_err());
-    assert!(e.contains("base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight") && e.contains("[160, 4]") && e.contains("[128, 4]"), "{e}");
+    assert!(
+        e.contains("base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight") && e.contains("[160, 4]") && e.contains("[128, 4]"),
+        "{e}"
+    );
     drop(llama);
 }
 

@@ -7,7 +7,9 @@ use rayon::prelude::*;
 
 /// Shapes and masking rules of one attention call. Query `i` sits at absolute position
 /// `q_offset + i`; key `j` at position `j`. A key is visible when it is not in the future, not
-/// padding (`key_mask[b·kv_len + j]`), and, with a window `w`, fewer than `w` positions back.
+/// padding (`key_mask[b·kv_stride + j]`), and, with a window `w`, fewer than `w` positions back.
+/// Keys and values are `[batch, kv_heads, kv_stride, head_dim]` of which the first `kv_len`
+/// positions are used (`kv_stride` > `kv_len` for a KV cache with room to grow).
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
     pub batch: usize,
@@ -15,6 +17,7 @@ pub struct AttnShape {
     pub kv_heads: usize,
     pub q_len: usize,
     pub kv_len: usize,
+    pub kv_stride: usize,
     pub head_dim: usize,
     pub q_offset: usize,
     pub window: Option<usize>,
@@ -66,20 +69,21 @@ fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 /// `out = softmax(q·kᵀ·scale + mask)·v` per head; `lse` receives each row's log-sum-exp
 /// (−∞ for a row that sees no key, whose output is zero).
 pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
-    let (hd, tq, tk) = (s.head_dim, s.q_len, s.kv_len);
+    let (hd, tq, tk, ts) = (s.head_dim, s.q_len, s.kv_len, s.kv_stride);
     let g = s.group();
+    assert!(tk <= ts);
     assert_eq!(q.len(), s.batch * s.heads * tq * hd);
-    assert_eq!(k.len(), s.batch * s.kv_heads * tk * hd);
+    assert_eq!(k.len(), s.batch * s.kv_heads * ts * hd);
     assert_eq!(v.len(), k.len());
-    assert_eq!(key_mask.len(), s.batch * tk);
+    assert_eq!(key_mask.len(), s.batch * ts);
     assert_eq!(out.len(), q.len());
     assert_eq!(lse.len(), s.batch * s.heads * tq);
     let scale = 1.0 / (hd as f32).sqrt();
     out.par_chunks_mut(tq * hd).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (o, l))| {
         let (b, h) = (bh / s.heads, bh % s.heads);
-        let kv = (b * s.kv_heads + h / g) * tk * hd;
+        let kv = (b * s.kv_heads + h / g) * ts * hd;
         let (kb, vb) = (&k[kv..kv + tk * hd], &v[kv..kv + tk * hd]);
-        let mask = &key_mask[b * tk..(b + 1) * tk];
+        let mask = &key_mask[b * ts..b * ts + tk];
         let mut scores = vec![0.0f32; tk];
         for i in 0..tq {
             let qi = &q[(bh * tq + i) * hd..][..hd];
@@ -116,21 +120,28 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: 
 /// forward's `out` and `lse` and the incoming gradient `dout`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
-    q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &[f32], lse: &[f32], dout: &[f32],
-    dq: &mut [f32], dk: &mut [f32], dv: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_mask: &[bool],
+    s: AttnShape,
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
 ) {
     let (hd, tq, tk) = (s.head_dim, s.q_len, s.kv_len);
     let g = s.group();
+    assert_eq!(s.kv_stride, tk, "backward runs on whole sequences, not on a cache");
     assert_eq!(dq.len(), q.len());
     assert_eq!(dk.len(), k.len());
     assert_eq!(dv.len(), v.len());
     assert_eq!(dout.len(), out.len());
     let scale = 1.0 / (hd as f32).sqrt();
-    dq.par_chunks_mut(g * tq * hd)
-        .zip(dk.par_chunks_mut(tk * hd))
-        .zip(dv.par_chunks_mut(tk * hd))
-        .enumerate()
-        .for_each(|(bkv, ((dqg, dkc), dvc))| {
+    dq.par_chunks_mut(g * tq * hd).zip(dk.par_chunks_mut(tk * hd)).zip(dv.par_chunks_mut(tk * hd)).enumerate().for_each(
+        |(bkv, ((dqg, dkc), dvc))| {
             let b = bkv / s.kv_heads;
             let kb = &k[bkv * tk * hd..(bkv + 1) * tk * hd];
             let vb = &v[bkv * tk * hd..(bkv + 1) * tk * hd];
@@ -164,7 +175,8 @@ pub fn attention_backward(
                     }
                 }
             }
-        });
+        },
+    );
 }
 
 #[cfg(test)]
@@ -174,7 +186,7 @@ mod tests {
     use crate::rng::Rng;
 
     fn shape(window: Option<usize>) -> AttnShape {
-        AttnShape { batch: 2, heads: 4, kv_heads: 2, q_len: 6, kv_len: 6, head_dim: 8, q_offset: 0, window }
+        AttnShape { batch: 2, heads: 4, kv_heads: 2, q_len: 6, kv_len: 6, kv_stride: 6, head_dim: 8, q_offset: 0, window }
     }
 
     fn mask() -> Vec<bool> {
@@ -193,14 +205,21 @@ mod tests {
                     let qi = &q[((b * s.heads + h) * s.q_len + i) * hd..][..hd];
                     let vis = |j: usize| j <= i && m[b * s.kv_len + j] && s.window.is_none_or(|w| i - j < w);
                     let sc: Vec<f64> = (0..s.kv_len)
-                        .map(|j| if vis(j) { dot64(qi, &k[((b * s.kv_heads + kvh) * s.kv_len + j) * hd..][..hd]) / (hd as f64).sqrt() } else { f64::NEG_INFINITY })
+                        .map(|j| {
+                            if vis(j) {
+                                dot64(qi, &k[((b * s.kv_heads + kvh) * s.kv_len + j) * hd..][..hd]) / (hd as f64).sqrt()
+                            } else {
+                                f64::NEG_INFINITY
+                            }
+                        })
                         .collect();
                     let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
                     let z: f64 = e.iter().sum();
                     for j in 0..s.kv_len {
                         for d in 0..hd {
-                            out[((b * s.heads + h) * s.q_len + i) * hd + d] += (e[j] / z * v[((b * s.kv_heads + kvh) * s.kv_len + j) * hd + d] as f64) as f32;
+                            out[((b * s.heads + h) * s.q_len + i) * hd + d] +=
+                                (e[j] / z * v[((b * s.kv_heads + kvh) * s.kv_len + j) * hd + d] as f64) as f32;
                         }
                     }
                 }
@@ -243,7 +262,7 @@ mod tests {
     #[test]
     fn offset_queries_match_the_tail_of_a_full_pass() {
         // Decoding with a cache: the last 2 queries against all 6 keys equal rows 4..6 of the full pass.
-        let full = AttnShape { batch: 1, heads: 2, kv_heads: 1, q_len: 6, kv_len: 6, head_dim: 8, q_offset: 0, window: None };
+        let full = AttnShape { batch: 1, heads: 2, kv_heads: 1, q_len: 6, kv_len: 6, kv_stride: 6, head_dim: 8, q_offset: 0, window: None };
         let mut rng = Rng::new(2);
         let q = randn(&mut rng, 2 * 6 * 8, 1.0);
         let k = randn(&mut rng, 6 * 8, 1.0);
@@ -253,10 +272,14 @@ mod tests {
         let mut lse = vec![0.0; 12];
         attention_forward(&q, &k, &v, &m, full, &mut out, &mut lse);
         let tail: Vec<f32> = (0..2).flat_map(|h| q[(h * 6 + 4) * 8..(h * 6 + 6) * 8].to_vec()).collect();
-        let part = AttnShape { q_len: 2, q_offset: 4, ..full };
+        // ... also when keys sit in a larger cache buffer (stride 9, only 6 positions filled).
+        let part = AttnShape { q_len: 2, q_offset: 4, kv_stride: 9, ..full };
+        let grow = |x: &[f32]| -> Vec<f32> { x.iter().copied().chain(std::iter::repeat_n(f32::NAN, 3 * 8)).collect() };
+        let mut mask9 = vec![true; 6];
+        mask9.extend([false; 3]);
         let mut out2 = vec![0.0; tail.len()];
         let mut lse2 = vec![0.0; 4];
-        attention_forward(&tail, &k, &v, &m, part, &mut out2, &mut lse2);
+        attention_forward(&tail, &grow(&k), &grow(&v), &mask9, part, &mut out2, &mut lse2);
         for h in 0..2 {
             for x in 0..16 {
                 assert!((out2[h * 16 + x] - out[(h * 6 + 4) * 8 + x]).abs() < 1e-6);

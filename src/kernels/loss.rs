@@ -17,14 +17,25 @@ pub struct LossSum {
 
 impl LossSum {
     pub fn mean(&self) -> f64 {
-        if self.count == 0 { 0.0 } else { self.sum / self.count as f64 }
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum / self.count as f64
+        }
     }
 }
 
 /// For hidden states `x` (`[tokens, dim]`), head weight `w` (`[vocab, dim]`) and one target per row
 /// (`None` = ignored, like label −100), returns the summed cross-entropy and, when `dx` is given,
 /// adds `grad_scale · dL/dx` to it (use `grad_scale = 1/count` for a mean loss).
-pub fn lm_head_cross_entropy(x: &[f32], w: &[f32], dim: usize, targets: &[Option<u32>], grad_scale: f32, mut dx: Option<&mut [f32]>) -> LossSum {
+pub fn lm_head_cross_entropy(
+    x: &[f32],
+    w: &[f32],
+    dim: usize,
+    targets: &[Option<u32>],
+    grad_scale: f32,
+    mut dx: Option<&mut [f32]>,
+) -> LossSum {
     let vocab = w.len() / dim;
     assert_eq!(x.len(), targets.len() * dim);
     let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r].is_some()).collect();

@@ -29,9 +29,14 @@ pub(crate) mod testutil {
     /// Checks an analytic gradient by a central finite difference along a random direction `d`:
     /// (L(x + eps d) - L(x - eps d)) / 2 eps must equal <grad, d>. `loss` evaluates L at a point.
     pub fn check_directional(name: &str, x: &[f32], grad: &[f32], loss: impl Fn(&[f32]) -> f64, seed: u64) {
+        check_directional_eps(name, x, grad, loss, seed, 1e-2)
+    }
+
+    /// As `check_directional` with step `eps`: smaller for functions of many inputs, where a
+    /// step along every coordinate at once moves the point far.
+    pub fn check_directional_eps(name: &str, x: &[f32], grad: &[f32], loss: impl Fn(&[f32]) -> f64, seed: u64, eps: f32) {
         let mut rng = Rng::new(seed);
         let d = randn(&mut rng, x.len(), 1.0);
-        let eps = 1e-2f32;
         let shifted = |sign: f32| -> Vec<f32> { x.iter().zip(&d).map(|(&a, &b)| a + sign * eps * b).collect() };
         let numeric = (loss(&shifted(1.0)) - loss(&shifted(-1.0))) / (2.0 * eps as f64);
         let analytic = dot(grad, &d);

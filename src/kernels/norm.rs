@@ -23,17 +23,13 @@ pub fn rmsnorm_backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut
     let dim = w.len();
     assert_eq!(dy.len(), x.len());
     assert_eq!(dx.len(), x.len());
-    dx.par_chunks_mut(dim)
-        .zip(dy.par_chunks(dim))
-        .zip(x.par_chunks(dim))
-        .zip(rstd.par_iter())
-        .for_each(|(((dxr, dyr), xr), &r)| {
-            let gx: f64 = dyr.iter().zip(w).zip(xr).map(|((&d, &wv), &xv)| (d * wv) as f64 * xv as f64).sum();
-            let c = (gx / dim as f64) as f32 * r * r * r;
-            for (((o, &d), &wv), &xv) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
-                *o += r * (d * wv) - xv * c;
-            }
-        });
+    dx.par_chunks_mut(dim).zip(dy.par_chunks(dim)).zip(x.par_chunks(dim)).zip(rstd.par_iter()).for_each(|(((dxr, dyr), xr), &r)| {
+        let gx: f64 = dyr.iter().zip(w).zip(xr).map(|((&d, &wv), &xv)| (d * wv) as f64 * xv as f64).sum();
+        let c = (gx / dim as f64) as f32 * r * r * r;
+        for (((o, &d), &wv), &xv) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
+            *o += r * (d * wv) - xv * c;
+        }
+    });
 }
 
 #[cfg(test)]

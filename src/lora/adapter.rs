@@ -53,7 +53,8 @@ impl LoraAdapter {
         let mut slots = vec![[None; 7]; model.config.num_layers];
         let mut offset = 0;
         for s in selected {
-            let (_, layer, kind, in_features, out_features) = candidates.iter().find(|c| c.0 == s.name).cloned().expect("selected from candidates");
+            let (_, layer, kind, in_features, out_features) =
+                candidates.iter().find(|c| c.0 == s.name).cloned().expect("selected from candidates");
             slots[layer][kind.index()] = Some(modules.len());
             let m = LoraModule { name: s.name, layer, kind, r: s.r, alpha: s.alpha, scale: s.scale, in_features, out_features, offset };
             offset += m.a_len() + m.b_len();

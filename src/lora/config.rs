@@ -31,7 +31,9 @@ impl TargetModules {
             Value::String(s) if s == "all-linear" => Some(TargetModules::AllLinear),
             Value::String(s) => Some(TargetModules::Regex(s.clone())),
             Value::Array(a) => Some(TargetModules::Names(
-                a.iter().map(|x| x.as_str().map(str::to_string).with_context(|| format!("{field}: expected strings"))).collect::<Result<_>>()?,
+                a.iter()
+                    .map(|x| x.as_str().map(str::to_string).with_context(|| format!("{field}: expected strings")))
+                    .collect::<Result<_>>()?,
             )),
             _ => bail!("{field}: expected a string or a list of strings"),
         })
@@ -57,7 +59,9 @@ impl Matcher {
     fn new(t: &TargetModules) -> Result<Self> {
         Ok(match t {
             TargetModules::Names(n) => Matcher::Names(n.clone()),
-            TargetModules::Regex(r) => Matcher::Regex(Regex::new(&format!("^(?:{r})$")).with_context(|| format!("invalid target_modules regex {r:?}"))?),
+            TargetModules::Regex(r) => {
+                Matcher::Regex(Regex::new(&format!("^(?:{r})$")).with_context(|| format!("invalid target_modules regex {r:?}"))?)
+            }
             TargetModules::AllLinear => Matcher::All,
         })
     }
@@ -135,12 +139,20 @@ fn layer_index(name: &str) -> Option<usize> {
 }
 
 fn json_number(x: f32) -> Value {
-    if x.fract() == 0.0 && x.abs() < 1e15 { json!(x as i64) } else { json!(x) }
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
 }
 
 impl LoraConfig {
     pub fn scale_for(&self, r: usize, alpha: f32) -> f32 {
-        if self.use_rslora { alpha / (r as f32).sqrt() } else { alpha / r as f32 }
+        if self.use_rslora {
+            alpha / (r as f32).sqrt()
+        } else {
+            alpha / r as f32
+        }
     }
 
     /// Chooses the adapted modules among `candidates` (full names of the model's linear
@@ -202,7 +214,9 @@ impl LoraConfig {
         let get = |k: &str| obj.get(k).unwrap_or(&Value::Null);
         match get("peft_type").as_str() {
             Some("LORA") | None => {}
-            Some(other) => bail!("adapter_config.json: peft_type \"{other}\" is not supported (only LORA)"),
+            Some(other) => {
+                bail!("adapter_config.json: peft_type \"{other}\" is not supported (only LORA)")
+            }
         }
         let truthy = |k: &str| match get(k) {
             Value::Null | Value::Bool(false) => false,
@@ -230,7 +244,9 @@ impl LoraConfig {
         }
         match get("bias").as_str() {
             None | Some("none") => {}
-            Some(b) => bail!("adapter trains biases (bias=\"{b}\"), which lowrank does not support"),
+            Some(b) => {
+                bail!("adapter trains biases (bias=\"{b}\"), which lowrank does not support")
+            }
         }
         match get("layers_pattern") {
             Value::Null => {}
@@ -242,13 +258,19 @@ impl LoraConfig {
         let layers_to_transform = match get("layers_to_transform") {
             Value::Null => None,
             Value::Number(n) => Some(vec![n.as_u64().context("layers_to_transform: expected a non-negative integer")? as usize]),
-            Value::Array(a) => Some(a.iter().map(|x| x.as_u64().map(|x| x as usize).context("layers_to_transform: expected integers")).collect::<Result<_>>()?),
+            Value::Array(a) => Some(
+                a.iter()
+                    .map(|x| x.as_u64().map(|x| x as usize).context("layers_to_transform: expected integers"))
+                    .collect::<Result<_>>()?,
+            ),
             _ => bail!("layers_to_transform: expected an integer or a list"),
         };
         let pattern = |k: &str| -> Result<Vec<(String, f64)>> {
             match get(k) {
                 Value::Null => Ok(vec![]),
-                Value::Object(m) => m.iter().map(|(p, x)| Ok((p.clone(), x.as_f64().with_context(|| format!("{k}[{p}]: expected a number"))?))).collect(),
+                Value::Object(m) => {
+                    m.iter().map(|(p, x)| Ok((p.clone(), x.as_f64().with_context(|| format!("{k}[{p}]: expected a number"))?))).collect()
+                }
                 _ => bail!("{k}: expected an object"),
             }
         };
@@ -256,7 +278,8 @@ impl LoraConfig {
             r,
             lora_alpha: get("lora_alpha").as_f64().unwrap_or(8.0) as f32,
             lora_dropout: get("lora_dropout").as_f64().unwrap_or(0.0) as f32,
-            target_modules: TargetModules::from_json(get("target_modules"), "target_modules")?.context("adapter_config.json: missing \"target_modules\"")?,
+            target_modules: TargetModules::from_json(get("target_modules"), "target_modules")?
+                .context("adapter_config.json: missing \"target_modules\"")?,
             exclude_modules: TargetModules::from_json(get("exclude_modules"), "exclude_modules")?,
             use_rslora: get("use_rslora").as_bool().unwrap_or(false),
             layers_to_transform,
@@ -322,10 +345,7 @@ mod tests {
         assert_eq!(s.len(), 6);
         assert!(s.iter().all(|m| m.scale == 1.0));
 
-        let c = LoraConfig {
-            target_modules: TargetModules::Regex(r"model\.layers\.[01]\.self_attn\.q_proj".into()),
-            ..Default::default()
-        };
+        let c = LoraConfig { target_modules: TargetModules::Regex(r"model\.layers\.[01]\.self_attn\.q_proj".into()), ..Default::default() };
         assert_eq!(c.select(&names()).unwrap().len(), 2);
 
         let c = LoraConfig {

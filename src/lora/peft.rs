@@ -49,13 +49,15 @@ pub fn load(dir: &Path, model: &DecoderModel) -> Result<LoraAdapter> {
         bail!("{}: no {WEIGHTS_FILE}", dir.display());
     }
     let mut adapter = LoraAdapter::zeros(config, model).with_context(|| format!("adapter {} does not fit this model", dir.display()))?;
-    let store = TensorStore::open_files(&[weights.clone()])?;
+    let store = TensorStore::open_files(std::slice::from_ref(&weights))?;
     let mut expected = std::collections::HashSet::new();
     for i in 0..adapter.modules.len() {
         let m = adapter.modules[i].clone();
         let (ka, kb) = (m.peft_key("A"), m.peft_key("B"));
-        let a = store.f32(&ka, &[m.r, m.in_features]).with_context(|| format!("adapter {} does not match the base model", dir.display()))?;
-        let b = store.f32(&kb, &[m.out_features, m.r]).with_context(|| format!("adapter {} does not match the base model", dir.display()))?;
+        let a =
+            store.f32(&ka, &[m.r, m.in_features]).with_context(|| format!("adapter {} does not match the base model", dir.display()))?;
+        let b =
+            store.f32(&kb, &[m.out_features, m.r]).with_context(|| format!("adapter {} does not match the base model", dir.display()))?;
         adapter.params[m.offset..m.offset + m.a_len()].copy_from_slice(&a);
         adapter.params[m.offset + m.a_len()..m.offset + m.a_len() + m.b_len()].copy_from_slice(&b);
         expected.insert(ka);

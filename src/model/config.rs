@@ -51,10 +51,7 @@ pub struct DecoderConfig {
 }
 
 fn get_usize(v: &Value, key: &str) -> Result<usize> {
-    v.get(key)
-        .and_then(Value::as_u64)
-        .map(|x| x as usize)
-        .with_context(|| format!("config.json: missing or non-integer \"{key}\""))
+    v.get(key).and_then(Value::as_u64).map(|x| x as usize).with_context(|| format!("config.json: missing or non-integer \"{key}\""))
 }
 
 fn opt_f64(v: &Value, key: &str) -> Option<f64> {
@@ -69,11 +66,10 @@ fn opt_bool(v: &Value, key: &str) -> Option<bool> {
 fn parse_rope(v: &Value) -> Result<(f32, RopeScaling)> {
     let params = v.get("rope_parameters").filter(|p| p.is_object());
     let scaling = params.or_else(|| v.get("rope_scaling").filter(|p| p.is_object()));
-    let theta = params
-        .and_then(|p| opt_f64(p, "rope_theta"))
-        .or_else(|| opt_f64(v, "rope_theta"))
-        .unwrap_or(10000.0) as f32;
-    let Some(s) = scaling else { return Ok((theta, RopeScaling::Default)) };
+    let theta = params.and_then(|p| opt_f64(p, "rope_theta")).or_else(|| opt_f64(v, "rope_theta")).unwrap_or(10000.0) as f32;
+    let Some(s) = scaling else {
+        return Ok((theta, RopeScaling::Default));
+    };
     let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
     let f = |key: &str| -> Result<f32> {
         opt_f64(s, key).map(|x| x as f32).with_context(|| format!("config.json: rope scaling \"{kind}\" needs \"{key}\""))
@@ -105,7 +101,9 @@ impl DecoderConfig {
             "llama" => Arch::Llama,
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
-            other => bail!("model_type \"{other}\" is not supported (supported: llama, mistral, qwen2)"),
+            other => {
+                bail!("model_type \"{other}\" is not supported (supported: llama, mistral, qwen2)")
+            }
         };
         let hidden_size = get_usize(v, "hidden_size")?;
         let num_heads = get_usize(v, "num_attention_heads")?;

@@ -5,7 +5,7 @@
 //! tensors its backward reads (`LayerActs`).
 
 use super::config::DecoderConfig;
-use super::weights::TensorStore;
+use super::weights::{TensorStore, WeightSource};
 use crate::kernels::attention::{attention_backward, attention_forward, AttnShape};
 use crate::kernels::loss::{lm_head_cross_entropy, LossSum};
 use crate::kernels::norm::{rmsnorm_backward, rmsnorm_forward};
@@ -166,6 +166,46 @@ struct LowRankActs {
     keep: Option<Vec<f32>>,
 }
 
+/// What one pass over the layers needs besides weights: the attention shape (queries, keys,
+/// their positions), the key mask and the rotary angles of the new tokens.
+struct StepCtx<'a> {
+    shape: AttnShape,
+    key_mask: &'a [bool],
+    angles: RopeAngles,
+}
+
+impl StepCtx<'_> {
+    fn tokens(&self) -> usize {
+        self.shape.batch * self.shape.q_len
+    }
+    fn layout(&self, heads: usize) -> HeadLayout {
+        HeadLayout { batch: self.shape.batch, seq: self.shape.q_len, heads, head_dim: self.shape.head_dim }
+    }
+}
+
+/// Keys and values of earlier positions for incremental decoding, per layer
+/// `[batch, kv_heads, capacity, head_dim]`, with the key mask `[batch, capacity]`.
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    mask: Vec<bool>,
+    pub len: usize,
+    pub capacity: usize,
+    pub batch: usize,
+}
+
+impl KvCache {
+    /// Stores the new tokens' keys and values (head-major `[batch, kv_heads, new, head_dim]`).
+    fn store(&mut self, layer: usize, k_new: &[f32], v_new: &[f32], kv_heads: usize, hd: usize, new: usize) {
+        for (cache, src) in [(&mut self.k[layer], k_new), (&mut self.v[layer], v_new)] {
+            for bk in 0..self.batch * kv_heads {
+                let dst = (bk * self.capacity + self.len) * hd;
+                cache[dst..dst + new * hd].copy_from_slice(&src[bk * new * hd..(bk + 1) * new * hd]);
+            }
+        }
+    }
+}
+
 /// Everything one layer's backward reads. Head-major tensors are `[batch, heads, seq, head_dim]`.
 struct LayerActs {
     x_in: Vec<f32>,
@@ -209,15 +249,24 @@ fn linear_forward(lin: &Linear, lr: Option<LowRank>, x: &[f32], rows: usize, y: 
 /// `accumulate`, adds) dL/dx into `dx` when it is wanted. W and its bias are frozen.
 #[allow(clippy::too_many_arguments)]
 fn linear_backward(
-    lin: &Linear, lr: Option<LowRank>, acts: Option<&LowRankActs>, x: &[f32], dy: &[f32], rows: usize,
-    grads: &mut [f32], dx: Option<&mut [f32]>, accumulate: bool,
+    lin: &Linear,
+    lr: Option<LowRank>,
+    acts: Option<&LowRankActs>,
+    x: &[f32],
+    dy: &[f32],
+    rows: usize,
+    grads: &mut [f32],
+    dx: Option<&mut [f32]>,
+    accumulate: bool,
 ) {
     let (inf, outf) = (lin.in_features, lin.out_features);
     let mut dx = dx;
     if let Some(dx) = dx.as_deref_mut() {
         matmul(dx, dy, false, &lin.w, false, rows, inf, outf, 1.0, accumulate);
     }
-    let (Some(lr), Some(acts)) = (lr, acts) else { return };
+    let (Some(lr), Some(acts)) = (lr, acts) else {
+        return;
+    };
     let r = lr.r;
     let (ga, rest) = grads[lr.grad_offset..].split_at_mut(r * inf);
     let gb = &mut rest[..outf * r];
@@ -248,10 +297,17 @@ impl DecoderModel {
         }
         let config = DecoderConfig::from_file(&dir.join("config.json"))?;
         let store = TensorStore::open_dir(dir)?;
-        Self::from_store(config, &store)
+        Self::from_weights(config, &store)
     }
 
-    pub fn from_store(config: DecoderConfig, st: &TensorStore) -> Result<Self> {
+    /// Loads a single GGUF file (llama or qwen2 architecture); quantized tensors are dequantized.
+    pub fn from_gguf(file: &super::gguf::GgufFile) -> Result<Self> {
+        let config = super::gguf::decoder_config(file)?;
+        let weights = super::gguf::GgufWeights { file, config: &config };
+        Self::from_weights(config.clone(), &weights)
+    }
+
+    pub fn from_weights(config: DecoderConfig, st: &dyn WeightSource) -> Result<Self> {
         let c = &config;
         let (d, hd) = (c.hidden_size, c.head_dim);
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -285,6 +341,45 @@ impl DecoderModel {
             inv_freq,
             config,
         })
+    }
+
+    /// A model with random weights from a fixed seed (for tests and benchmarks): linear weights
+    /// N(0, 0.08²), norms 1 + N(0, 0.1²), biases N(0, 0.1²).
+    pub fn random(config: DecoderConfig, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let mut randn = |n: usize, scale: f32, shift: f32| -> Vec<f32> { (0..n).map(|_| shift + scale * rng.normal()).collect() };
+        let c = &config;
+        let d = c.hidden_size;
+        let layers = (0..c.num_layers)
+            .map(|_| {
+                let linear = ModuleKind::ALL
+                    .iter()
+                    .map(|&kind| {
+                        let (inf, outf) = Self::module_shape(c, kind);
+                        let has_bias = match kind {
+                            ModuleKind::Q | ModuleKind::K | ModuleKind::V => c.qkv_bias,
+                            ModuleKind::O => c.o_bias,
+                            _ => c.mlp_bias,
+                        };
+                        Linear {
+                            w: randn(inf * outf, 0.08, 0.0),
+                            bias: has_bias.then(|| randn(outf, 0.1, 0.0)),
+                            in_features: inf,
+                            out_features: outf,
+                        }
+                    })
+                    .collect();
+                Layer { attn_norm: randn(d, 0.1, 1.0), mlp_norm: randn(d, 0.1, 1.0), linear }
+            })
+            .collect();
+        DecoderModel {
+            embed: randn(c.vocab_size * d, 0.5, 0.0),
+            norm: randn(d, 0.1, 1.0),
+            lm_head: (!c.tie_word_embeddings).then(|| randn(c.vocab_size * d, 0.08, 0.0)),
+            layers,
+            inv_freq: inverse_frequencies(c.head_dim, c.rope_theta, &c.rope_scaling),
+            config,
+        }
     }
 
     /// (in_features, out_features) of a module under `config`.
@@ -339,31 +434,43 @@ impl DecoderModel {
         h
     }
 
-    fn attn_shape(&self, batch: &Batch) -> AttnShape {
+    /// Attention over `q_len` new tokens per row that follow `past` cached positions, in a key
+    /// buffer of `kv_stride` positions.
+    fn step_ctx<'a>(&self, batch: usize, q_len: usize, past: usize, kv_stride: usize, key_mask: &'a [bool]) -> StepCtx<'a> {
         let c = &self.config;
-        AttnShape {
-            batch: batch.batch_size,
+        let shape = AttnShape {
+            batch,
             heads: c.num_heads,
             kv_heads: c.num_kv_heads,
-            q_len: batch.seq_len,
-            kv_len: batch.seq_len,
+            q_len,
+            kv_len: past + q_len,
+            kv_stride,
             head_dim: c.head_dim,
-            q_offset: 0,
+            q_offset: past,
             window: c.sliding_window,
-        }
+        };
+        let positions: Vec<u32> = (0..batch * q_len).map(|i| (past + i % q_len) as u32).collect();
+        StepCtx { shape, key_mask, angles: RopeAngles::new(&self.inv_freq, &positions) }
     }
 
-    fn rope_angles(&self, batch: &Batch) -> RopeAngles {
-        let positions: Vec<u32> = (0..batch.tokens.len()).map(|i| (i % batch.seq_len) as u32).collect();
-        RopeAngles::new(&self.inv_freq, &positions)
+    fn batch_ctx<'a>(&self, batch: &'a Batch) -> StepCtx<'a> {
+        self.step_ctx(batch.batch_size, batch.seq_len, 0, batch.seq_len, &batch.mask)
     }
 
     /// One layer forward; `h` (`[tokens, hidden]`) is updated in place and the saved
     /// activations are returned.
-    fn layer_forward(&self, l: usize, h: &mut [f32], batch: &Batch, angles: &RopeAngles, ad: &dyn LowRankSource, mut rng: Option<&mut Rng>) -> LayerActs {
+    fn layer_forward(
+        &self,
+        l: usize,
+        h: &mut [f32],
+        ctx: &StepCtx,
+        ad: &dyn LowRankSource,
+        mut rng: Option<&mut Rng>,
+        cache: Option<&mut KvCache>,
+    ) -> LayerActs {
         let c = &self.config;
         let layer = &self.layers[l];
-        let n = batch.tokens.len();
+        let n = ctx.tokens();
         let (d, hd) = (c.hidden_size, c.head_dim);
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
         let lin = |k: ModuleKind| &layer.linear[k.index()];
@@ -381,16 +488,20 @@ impl DecoderModel {
         let q_tok = proj(ModuleKind::Q, &xn1, qd, &mut lowrank);
         let k_tok = proj(ModuleKind::K, &xn1, kvd, &mut lowrank);
         let v_tok = proj(ModuleKind::V, &xn1, kvd, &mut lowrank);
-        let ql = HeadLayout { batch: batch.batch_size, seq: batch.seq_len, heads: c.num_heads, head_dim: hd };
-        let kl = HeadLayout { heads: c.num_kv_heads, ..ql };
+        let (ql, kl) = (ctx.layout(c.num_heads), ctx.layout(c.num_kv_heads));
         let (mut q, mut k, mut v) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
-        to_heads(&q_tok, &mut q, ql, Some(angles));
-        to_heads(&k_tok, &mut k, kl, Some(angles));
+        to_heads(&q_tok, &mut q, ql, Some(&ctx.angles));
+        to_heads(&k_tok, &mut k, kl, Some(&ctx.angles));
         to_heads(&v_tok, &mut v, kl, None);
-        let shape = self.attn_shape(batch);
         let mut attn = vec![0.0; n * qd];
-        let mut lse = vec![0.0; batch.batch_size * c.num_heads * batch.seq_len];
-        attention_forward(&q, &k, &v, &batch.mask, shape, &mut attn, &mut lse);
+        let mut lse = vec![0.0; n * c.num_heads];
+        match cache {
+            Some(cache) => {
+                cache.store(l, &k, &v, c.num_kv_heads, hd, ctx.shape.q_len);
+                attention_forward(&q, &cache.k[l], &cache.v[l], ctx.key_mask, ctx.shape, &mut attn, &mut lse);
+            }
+            None => attention_forward(&q, &k, &v, ctx.key_mask, ctx.shape, &mut attn, &mut lse),
+        }
         let mut attn_tokens = vec![0.0; n * qd];
         from_heads(&attn, &mut attn_tokens, ql, None);
         let o = proj(ModuleKind::O, &attn_tokens, d, &mut lowrank);
@@ -416,10 +527,19 @@ impl DecoderModel {
     /// One layer backward. On entry `dh` is dL/d(layer output); on return dL/d(layer input)
     /// (unless `need_input_grad` is false, when only the adapter gradients are wanted).
     #[allow(clippy::too_many_arguments)]
-    fn layer_backward(&self, l: usize, a: &LayerActs, dh: &mut [f32], batch: &Batch, angles: &RopeAngles, ad: &dyn LowRankSource, grads: &mut [f32], need_input_grad: bool) {
+    fn layer_backward(
+        &self,
+        l: usize,
+        a: &LayerActs,
+        dh: &mut [f32],
+        ctx: &StepCtx,
+        ad: &dyn LowRankSource,
+        grads: &mut [f32],
+        need_input_grad: bool,
+    ) {
         let c = &self.config;
         let layer = &self.layers[l];
-        let n = batch.tokens.len();
+        let n = ctx.tokens();
         let (d, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
         let lin = |k: ModuleKind| &layer.linear[k.index()];
@@ -427,26 +547,65 @@ impl DecoderModel {
 
         // MLP: h3 = h2 + down(swiglu(gate(xn2), up(xn2))), xn2 = rmsnorm(h2)
         let mut dact = vec![0.0; n * inter];
-        linear_backward(lin(ModuleKind::Down), ad.lookup(l, ModuleKind::Down), lra(ModuleKind::Down), &a.act, dh, n, grads, Some(&mut dact), false);
+        linear_backward(
+            lin(ModuleKind::Down),
+            ad.lookup(l, ModuleKind::Down),
+            lra(ModuleKind::Down),
+            &a.act,
+            dh,
+            n,
+            grads,
+            Some(&mut dact),
+            false,
+        );
         let (mut dgate, mut dup) = (vec![0.0; n * inter], vec![0.0; n * inter]);
         activations::swiglu_backward(&a.gate, &a.up, &dact, &mut dgate, &mut dup);
         let mut dxn2 = vec![0.0; n * d];
-        linear_backward(lin(ModuleKind::Gate), ad.lookup(l, ModuleKind::Gate), lra(ModuleKind::Gate), &a.xn2, &dgate, n, grads, Some(&mut dxn2), false);
-        linear_backward(lin(ModuleKind::Up), ad.lookup(l, ModuleKind::Up), lra(ModuleKind::Up), &a.xn2, &dup, n, grads, Some(&mut dxn2), true);
+        linear_backward(
+            lin(ModuleKind::Gate),
+            ad.lookup(l, ModuleKind::Gate),
+            lra(ModuleKind::Gate),
+            &a.xn2,
+            &dgate,
+            n,
+            grads,
+            Some(&mut dxn2),
+            false,
+        );
+        linear_backward(
+            lin(ModuleKind::Up),
+            ad.lookup(l, ModuleKind::Up),
+            lra(ModuleKind::Up),
+            &a.xn2,
+            &dup,
+            n,
+            grads,
+            Some(&mut dxn2),
+            true,
+        );
         rmsnorm_backward(&dxn2, &a.h2, &layer.mlp_norm, &a.rstd2, dh);
 
         // Attention: h2 = x + o_proj(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))), xn1 = rmsnorm(x)
         let mut dattn_tok = vec![0.0; n * qd];
-        linear_backward(lin(ModuleKind::O), ad.lookup(l, ModuleKind::O), lra(ModuleKind::O), &a.attn_tokens, dh, n, grads, Some(&mut dattn_tok), false);
-        let ql = HeadLayout { batch: batch.batch_size, seq: batch.seq_len, heads: c.num_heads, head_dim: hd };
-        let kl = HeadLayout { heads: c.num_kv_heads, ..ql };
+        linear_backward(
+            lin(ModuleKind::O),
+            ad.lookup(l, ModuleKind::O),
+            lra(ModuleKind::O),
+            &a.attn_tokens,
+            dh,
+            n,
+            grads,
+            Some(&mut dattn_tok),
+            false,
+        );
+        let (ql, kl) = (ctx.layout(c.num_heads), ctx.layout(c.num_kv_heads));
         let mut dattn = vec![0.0; n * qd];
         to_heads(&dattn_tok, &mut dattn, ql, None);
         let (mut dq, mut dk, mut dv) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
-        attention_backward(&a.q, &a.k, &a.v, &batch.mask, self.attn_shape(batch), &a.attn, &a.lse, &dattn, &mut dq, &mut dk, &mut dv);
+        attention_backward(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &a.attn, &a.lse, &dattn, &mut dq, &mut dk, &mut dv);
         let (mut dq_tok, mut dk_tok, mut dv_tok) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
-        from_heads(&dq, &mut dq_tok, ql, Some(angles));
-        from_heads(&dk, &mut dk_tok, kl, Some(angles));
+        from_heads(&dq, &mut dq_tok, ql, Some(&ctx.angles));
+        from_heads(&dk, &mut dk_tok, kl, Some(&ctx.angles));
         from_heads(&dv, &mut dv_tok, kl, None);
         let mut dxn1 = if need_input_grad { vec![0.0; n * d] } else { Vec::new() };
         for (i, (kind, dy)) in [(ModuleKind::Q, &dq_tok), (ModuleKind::K, &dk_tok), (ModuleKind::V, &dv_tok)].into_iter().enumerate() {
@@ -460,12 +619,18 @@ impl DecoderModel {
 
     /// Final hidden states after the last norm, `[tokens, hidden]`, keeping per-layer activations
     /// from layer `keep_from` on when training (`keep_from = num_layers` keeps none).
-    fn trunk(&self, batch: &Batch, ad: &dyn LowRankSource, mut rng: Option<&mut Rng>, keep_from: usize) -> (Vec<f32>, Vec<LayerActs>, Vec<f32>, Vec<f32>, RopeAngles) {
-        let angles = self.rope_angles(batch);
+    fn trunk<'a>(
+        &self,
+        batch: &'a Batch,
+        ad: &dyn LowRankSource,
+        mut rng: Option<&mut Rng>,
+        keep_from: usize,
+    ) -> (Vec<f32>, Vec<LayerActs>, Vec<f32>, Vec<f32>, StepCtx<'a>) {
+        let ctx = self.batch_ctx(batch);
         let mut h = self.embed_tokens(&batch.tokens);
         let mut kept = Vec::new();
         for l in 0..self.config.num_layers {
-            let acts = self.layer_forward(l, &mut h, batch, &angles, ad, rng.as_deref_mut());
+            let acts = self.layer_forward(l, &mut h, &ctx, ad, rng.as_deref_mut(), None);
             if l >= keep_from {
                 kept.push(acts);
             }
@@ -474,7 +639,7 @@ impl DecoderModel {
         let mut xf = vec![0.0; n * self.config.hidden_size];
         let mut rstd = vec![0.0; n];
         rmsnorm_forward(&h, &self.norm, self.config.rms_norm_eps, &mut xf, &mut rstd);
-        (xf, kept, h, rstd, angles)
+        (xf, kept, h, rstd, ctx)
     }
 
     /// Logits `[batch·seq, vocab]` for every position (no dropout).
@@ -494,11 +659,70 @@ impl DecoderModel {
         Ok(lm_head_cross_entropy(&xf, self.head(), self.config.hidden_size, targets, 0.0, None))
     }
 
+    /// An empty KV cache for `batch` rows of up to `capacity` positions.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        let c = &self.config;
+        let size = batch * c.num_kv_heads * capacity * c.head_dim;
+        KvCache {
+            k: (0..c.num_layers).map(|_| vec![0.0; size]).collect(),
+            v: (0..c.num_layers).map(|_| vec![0.0; size]).collect(),
+            mask: vec![false; batch * capacity],
+            len: 0,
+            capacity,
+            batch,
+        }
+    }
+
+    /// Runs `new` tokens per row (`tokens` is `[batch, new]`, `mask` marks real tokens, e.g.
+    /// false for left padding) after the cached positions, appends them to the cache and
+    /// returns the logits of each row's last new position, `[batch, vocab]`.
+    pub fn forward_step(&self, tokens: &[u32], mask: &[bool], cache: &mut KvCache, ad: &dyn LowRankSource) -> Result<Vec<f32>> {
+        let b = cache.batch;
+        if tokens.is_empty() || tokens.len() % b != 0 || mask.len() != tokens.len() {
+            bail!("forward_step: {} tokens and {} mask entries for a batch of {b}", tokens.len(), mask.len());
+        }
+        let new = tokens.len() / b;
+        if cache.len + new > cache.capacity {
+            bail!("KV cache full: {} + {new} positions exceed its capacity of {}", cache.len, cache.capacity);
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            bail!("token id {t} is outside the vocabulary of {} tokens", self.config.vocab_size);
+        }
+        for row in 0..b {
+            let dst = row * cache.capacity + cache.len;
+            cache.mask[dst..dst + new].copy_from_slice(&mask[row * new..(row + 1) * new]);
+        }
+        let key_mask = cache.mask.clone();
+        let ctx = self.step_ctx(b, new, cache.len, cache.capacity, &key_mask);
+        let mut h = self.embed_tokens(tokens);
+        for l in 0..self.config.num_layers {
+            self.layer_forward(l, &mut h, &ctx, ad, None, Some(cache));
+        }
+        cache.len += new;
+        let d = self.config.hidden_size;
+        let last: Vec<f32> = (0..b).flat_map(|row| h[((row + 1) * new - 1) * d..(row + 1) * new * d].to_vec()).collect();
+        let mut xf = vec![0.0; b * d];
+        let mut rstd = vec![0.0; b];
+        rmsnorm_forward(&last, &self.norm, self.config.rms_norm_eps, &mut xf, &mut rstd);
+        let v = self.config.vocab_size;
+        let mut logits = vec![0.0; b * v];
+        matmul(&mut logits, &xf, false, self.head(), true, b, v, d, 1.0, false);
+        Ok(logits)
+    }
+
     /// Forward and backward for one micro-batch. Adds `grad_scale · dL/dθ` for every adapter
     /// parameter θ into `grads` (laid out like the adapter's parameters) and returns the summed
     /// loss. Use `grad_scale = 1/(targets counted over all accumulated micro-batches)` for
     /// transformers' mean loss. `rng` drives LoRA dropout; `None` disables it.
-    pub fn loss_and_grads(&self, batch: &Batch, targets: &[Option<u32>], ad: &dyn LowRankSource, grads: &mut [f32], grad_scale: f32, rng: Option<&mut Rng>) -> Result<LossSum> {
+    pub fn loss_and_grads(
+        &self,
+        batch: &Batch,
+        targets: &[Option<u32>],
+        ad: &dyn LowRankSource,
+        grads: &mut [f32],
+        grad_scale: f32,
+        rng: Option<&mut Rng>,
+    ) -> Result<LossSum> {
         self.check_tokens(batch)?;
         if targets.len() != batch.tokens.len() {
             bail!("{} targets for {} tokens", targets.len(), batch.tokens.len());
@@ -507,7 +731,7 @@ impl DecoderModel {
         // Layers below the lowest adapted one need no backward at all.
         let lowest = (0..c.num_layers).find(|&l| ModuleKind::ALL.iter().any(|&k| ad.lookup(l, k).is_some()));
         let Some(lowest) = lowest else { bail!("the adapter attaches to no module of this model") };
-        let (xf, acts, h_last, rstd, angles) = self.trunk(batch, ad, rng, lowest);
+        let (xf, acts, h_last, rstd, ctx) = self.trunk(batch, ad, rng, lowest);
         let n = batch.tokens.len();
         let mut dxf = vec![0.0; n * c.hidden_size];
         let loss = lm_head_cross_entropy(&xf, self.head(), c.hidden_size, targets, grad_scale, Some(&mut dxf));
@@ -515,8 +739,86 @@ impl DecoderModel {
         rmsnorm_backward(&dxf, &h_last, &self.norm, &rstd, &mut dh);
         for (i, a) in acts.iter().enumerate().rev() {
             let l = lowest + i;
-            self.layer_backward(l, a, &mut dh, batch, &angles, ad, grads, l > lowest);
+            self.layer_backward(l, a, &mut dh, &ctx, ad, grads, l > lowest);
         }
         Ok(loss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::check_directional_eps;
+    use crate::lora::{LoraAdapter, LoraConfig, TargetModules};
+
+    fn tiny(arch: &str, window: Option<usize>) -> DecoderConfig {
+        let mut v = serde_json::json!({"model_type": arch, "vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5});
+        if let Some(w) = window {
+            v["sliding_window"] = serde_json::json!(w);
+        }
+        DecoderConfig::from_json(&v).unwrap()
+    }
+
+    /// The whole model's LoRA gradient against finite differences of its loss, with dropout
+    /// (the same masks in every evaluation, from a cloned RNG), GQA, padding, qkv bias
+    /// (qwen2) and a sliding window (mistral).
+    #[test]
+    fn model_lora_gradients_match_finite_differences() {
+        for (arch, window, dropout) in [("llama", None, 0.0), ("qwen2", None, 0.2), ("mistral", Some(3), 0.1)] {
+            let model = DecoderModel::random(tiny(arch, window), 17);
+            let cfg =
+                LoraConfig { target_modules: TargetModules::AllLinear, r: 4, lora_alpha: 8.0, lora_dropout: dropout, ..Default::default() };
+            let mut adapter = LoraAdapter::new(cfg, &model, 3).unwrap();
+            let mut rng = Rng::new(99);
+            for p in adapter.params.iter_mut() {
+                *p += 0.1 * rng.normal(); // B ≠ 0 so every path carries gradient
+            }
+            let rows: Vec<Vec<u32>> = vec![(0..7).map(|i| (i * 7 + 3) % 50).collect(), (0..5).map(|i| (i * 11 + 1) % 50).collect()];
+            let batch = Batch::right_padded(&rows, 0).unwrap();
+            let targets: Vec<Option<u32>> =
+                (0..batch.tokens.len()).map(|i| if batch.mask[i] && i % 7 != 6 { Some(((i * 13) % 50) as u32) } else { None }).collect();
+            let n = targets.iter().flatten().count() as f32;
+            let dropout_rng = Rng::new(5);
+            let mut grads = vec![0.0; adapter.num_params()];
+            model.loss_and_grads(&batch, &targets, &adapter, &mut grads, 1.0 / n, Some(&mut dropout_rng.clone())).unwrap();
+            let params = adapter.params.clone();
+            let loss_at = |p: &[f32]| {
+                let mut a = adapter.clone();
+                a.params.copy_from_slice(p);
+                let mut scratch = vec![0.0; p.len()];
+                model.loss_and_grads(&batch, &targets, &a, &mut scratch, 0.0, Some(&mut dropout_rng.clone())).unwrap().mean()
+            };
+            check_directional_eps(arch, &params, &grads, loss_at, 7, 1e-3);
+        }
+    }
+
+    /// Incremental decoding with the KV cache gives the full forward pass's logits, also for a
+    /// left-padded row (rotary attention depends only on relative positions).
+    #[test]
+    fn cached_decoding_matches_full_forward_and_left_padding() {
+        let model = DecoderModel::random(tiny("llama", None), 5);
+        let cfg = LoraConfig { r: 2, ..Default::default() };
+        let mut adapter = LoraAdapter::new(cfg, &model, 1).unwrap();
+        for (i, p) in adapter.params.iter_mut().enumerate() {
+            *p += 0.01 * (i % 7) as f32;
+        }
+        let seq: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8, 9];
+        let v = model.config.vocab_size;
+        let full = model.forward(&Batch::right_padded(&[seq.clone()], 0).unwrap(), &adapter).unwrap();
+        let close = |a: &[f32], t: usize| a.iter().zip(&full[t * v..(t + 1) * v]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max) < 1e-4;
+        // Row 0: the first 7 tokens; row 1: the first 5, left-padded by 2.
+        let mut cache = model.new_cache(2, 10);
+        let prompt: Vec<u32> = seq[..7].iter().copied().chain([0, 0]).chain(seq[..5].iter().copied()).collect();
+        let mask: Vec<bool> = (0..14).map(|i| i < 7 || i >= 9).collect();
+        let logits = model.forward_step(&prompt, &mask, &mut cache, &adapter).unwrap();
+        assert!(close(&logits[..v], 6));
+        assert!(close(&logits[v..], 4), "left-padded row differs");
+        for step in 0..2 {
+            let logits = model.forward_step(&[seq[7 + step], seq[5 + step]], &[true, true], &mut cache, &adapter).unwrap();
+            assert!(close(&logits[..v], 7 + step), "decode step {step}");
+            assert!(close(&logits[v..], 5 + step), "decode step {step}, padded row");
+        }
+        assert!(model.forward_step(&[1, 1, 1, 1], &[true; 4], &mut cache, &adapter).is_err(), "capacity is enforced");
     }
 }

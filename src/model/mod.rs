@@ -2,6 +2,8 @@
 
 pub mod config;
 pub mod decoder;
+pub mod gguf;
+pub mod quant;
 pub mod weights;
 
 pub use config::{Arch, DecoderConfig};

@@ -17,6 +17,18 @@ struct Shard {
     meta: Metadata,
 }
 
+/// Anything that hands out named f32 tensors in Hugging Face names and layout.
+pub trait WeightSource {
+    /// The tensor as f32, checked against `shape`; errors name the tensor and both shapes.
+    fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+}
+
+impl WeightSource for TensorStore {
+    fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        TensorStore::f32(self, name, shape)
+    }
+}
+
 pub struct TensorStore {
     shards: Vec<Shard>,
     /// Tensor name → shard index.
@@ -57,7 +69,8 @@ impl TensorStore {
             // SAFETY: the file is opened read-only; like every mmap-based loader we assume it is not
             // truncated while we run.
             let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
-            let (header_len, meta) = SafeTensors::read_metadata(&map).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+            let (header_len, meta) =
+                SafeTensors::read_metadata(&map).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
             for name in meta.tensors().keys() {
                 if index.insert(name.clone(), shards.len()).is_some() {
                     bail!("tensor {name} appears in more than one shard (second: {})", path.display());

@@ -1,0 +1,546 @@
+//! GGUF (v2/v3) files: a bounds-checked reader over a memory map, a writer, the llama.cpp ↔
+//! Hugging Face tensor-name mapping, and decoder configs and weights from GGUF metadata.
+
+use super::config::{Arch, DecoderConfig};
+use super::quant::{dequantize, GgmlType};
+use super::weights::WeightSource;
+use crate::kernels::rope::RopeScaling;
+use anyhow::{bail, Context, Result};
+use memmap2::Mmap;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: usize = 32;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum GgufValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    Array(Vec<GgufValue>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl GgufValue {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            GgufValue::U8(v) => Some(v as u64),
+            GgufValue::U16(v) => Some(v as u64),
+            GgufValue::U32(v) => Some(v as u64),
+            GgufValue::U64(v) => Some(v),
+            GgufValue::I8(v) if v >= 0 => Some(v as u64),
+            GgufValue::I16(v) if v >= 0 => Some(v as u64),
+            GgufValue::I32(v) if v >= 0 => Some(v as u64),
+            GgufValue::I64(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            GgufValue::F32(v) => Some(v as f64),
+            GgufValue::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            GgufValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            GgufValue::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[GgufValue]> {
+        match self {
+            GgufValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    fn type_id(&self) -> u32 {
+        match self {
+            GgufValue::U8(_) => 0,
+            GgufValue::I8(_) => 1,
+            GgufValue::U16(_) => 2,
+            GgufValue::I16(_) => 3,
+            GgufValue::U32(_) => 4,
+            GgufValue::I32(_) => 5,
+            GgufValue::F32(_) => 6,
+            GgufValue::Bool(_) => 7,
+            GgufValue::String(_) => 8,
+            GgufValue::Array(_) => 9,
+            GgufValue::U64(_) => 10,
+            GgufValue::I64(_) => 11,
+            GgufValue::F64(_) => 12,
+        }
+    }
+
+    /// A short rendering for `inspect` (long arrays summarized).
+    pub fn summary(&self) -> String {
+        match self {
+            GgufValue::String(s) if s.len() > 80 => {
+                format!("{:?}… ({} chars)", &s[..s.char_indices().nth(60).map_or(s.len(), |c| c.0)], s.len())
+            }
+            GgufValue::String(s) => format!("{s:?}"),
+            GgufValue::Array(a) if a.len() > 8 => format!("[{} items]", a.len()),
+            GgufValue::Array(a) => format!("[{}]", a.iter().map(GgufValue::summary).collect::<Vec<_>>().join(", ")),
+            GgufValue::Bool(b) => b.to_string(),
+            other => other.as_f64().map(|v| v.to_string()).unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GgufTensorInfo {
+    pub name: String,
+    /// GGML order: `dims[0]` is the row length (PyTorch's last dimension).
+    pub dims: Vec<usize>,
+    pub type_id: u32,
+    pub offset: usize,
+}
+
+impl GgufTensorInfo {
+    pub fn n_elements(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// The shape in PyTorch order.
+    pub fn torch_shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().copied().collect()
+    }
+}
+
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: BTreeMap<String, GgufValue>,
+    pub tensors: Vec<GgufTensorInfo>,
+    map: Mmap,
+    data_start: usize,
+}
+
+/// A bounds-checked little-endian cursor.
+struct Cursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len());
+        let Some(end) = end else { bail!("truncated GGUF: needed {n} bytes at offset {}, file has {}", self.pos, self.b.len()) };
+        let s = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into()?))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into()?))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into()?))
+    }
+    fn len(&mut self) -> Result<usize> {
+        let n = self.u64()?;
+        if n > self.b.len() as u64 {
+            bail!("corrupt GGUF: length {n} at offset {} exceeds the file size", self.pos - 8);
+        }
+        Ok(n as usize)
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.len()?;
+        let at = self.pos;
+        String::from_utf8(self.take(n)?.to_vec()).with_context(|| format!("corrupt GGUF: string at offset {at} is not UTF-8"))
+    }
+    fn value(&mut self, type_id: u32, depth: usize) -> Result<GgufValue> {
+        Ok(match type_id {
+            0 => GgufValue::U8(self.u8()?),
+            1 => GgufValue::I8(self.u8()? as i8),
+            2 => GgufValue::U16(self.u16()?),
+            3 => GgufValue::I16(self.u16()? as i16),
+            4 => GgufValue::U32(self.u32()?),
+            5 => GgufValue::I32(self.u32()? as i32),
+            6 => GgufValue::F32(f32::from_bits(self.u32()?)),
+            7 => GgufValue::Bool(self.u8()? != 0),
+            8 => GgufValue::String(self.string()?),
+            9 => {
+                if depth > 4 {
+                    bail!("corrupt GGUF: arrays nested too deeply");
+                }
+                let t = self.u32()?;
+                let n = self.len()?;
+                let mut items = Vec::with_capacity(n.min(1 << 20));
+                for _ in 0..n {
+                    items.push(self.value(t, depth + 1)?);
+                }
+                GgufValue::Array(items)
+            }
+            10 => GgufValue::U64(self.u64()?),
+            11 => GgufValue::I64(self.u64()? as i64),
+            12 => GgufValue::F64(f64::from_bits(self.u64()?)),
+            t => bail!("corrupt GGUF: unknown metadata value type {t} at offset {}", self.pos - 4),
+        })
+    }
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: read-only map of a file we do not modify.
+        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+        Self::parse(map, path).with_context(|| format!("reading GGUF {}", path.display()))
+    }
+
+    fn parse(map: Mmap, path: &Path) -> Result<Self> {
+        let mut c = Cursor { b: &map, pos: 0 };
+        if c.take(4)? != MAGIC {
+            bail!("not a GGUF file (bad magic)");
+        }
+        let version = c.u32()?;
+        if !(2..=3).contains(&version) {
+            bail!("GGUF version {version} is not supported (only 2 and 3)");
+        }
+        let n_tensors = c.len()?;
+        let n_kv = c.len()?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = c.string()?;
+            let t = c.u32()?;
+            let v = c.value(t, 0).with_context(|| format!("metadata key {key}"))?;
+            metadata.insert(key, v);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors);
+        for _ in 0..n_tensors {
+            let name = c.string()?;
+            let nd = c.u32()? as usize;
+            if nd > 4 {
+                bail!("tensor {name}: {nd} dimensions (GGUF allows at most 4)");
+            }
+            let dims = (0..nd).map(|_| c.len()).collect::<Result<Vec<_>>>()?;
+            let type_id = c.u32()?;
+            let offset = c.u64()? as usize;
+            tensors.push(GgufTensorInfo { name, dims, type_id, offset });
+        }
+        let alignment = metadata.get("general.alignment").and_then(GgufValue::as_u64).unwrap_or(DEFAULT_ALIGNMENT as u64) as usize;
+        if alignment == 0 || !alignment.is_power_of_two() {
+            bail!("general.alignment {alignment} is not a power of two");
+        }
+        let data_start = c.pos.div_ceil(alignment) * alignment;
+        for t in &tensors {
+            if let Ok(ty) = GgmlType::from_id(t.type_id) {
+                let size = ty.byte_size(t.n_elements()).with_context(|| format!("tensor {}", t.name))?;
+                if data_start + t.offset + size > map.len() {
+                    bail!("tensor {} extends past the end of the file (truncated download?)", t.name);
+                }
+            }
+        }
+        Ok(GgufFile { path: path.to_path_buf(), version, metadata, tensors, map, data_start })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&GgufValue> {
+        self.metadata.get(key)
+    }
+
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(GgufValue::as_str)
+    }
+
+    pub fn get_u64(&self, key: &str) -> Option<u64> {
+        self.get(key).and_then(GgufValue::as_u64)
+    }
+
+    pub fn get_f64(&self, key: &str) -> Option<f64> {
+        self.get(key).and_then(GgufValue::as_f64)
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&GgufTensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// A tensor dequantized to f32, with its PyTorch-order shape.
+    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let t = self.tensor(name).with_context(|| format!("tensor {name} not found in {}", self.path.display()))?;
+        let ty = GgmlType::from_id(t.type_id).with_context(|| format!("tensor {name}"))?;
+        let n = t.n_elements();
+        let start = self.data_start + t.offset;
+        let data = dequantize(ty, &self.map[start..start + ty.byte_size(n)?], n).with_context(|| format!("tensor {name}"))?;
+        Ok((data, t.torch_shape()))
+    }
+
+    /// Bytes of the data section of the file (for size reports).
+    pub fn data_size(&self) -> usize {
+        self.map.len() - self.data_start
+    }
+}
+
+/// Writes GGUF v3 files.
+#[derive(Default)]
+pub struct GgufWriter {
+    metadata: Vec<(String, GgufValue)>,
+    tensors: Vec<(String, Vec<usize>, GgmlType, Vec<u8>)>,
+}
+
+impl GgufWriter {
+    pub fn meta(&mut self, key: &str, v: GgufValue) {
+        self.metadata.push((key.to_string(), v));
+    }
+
+    /// Adds an f32 tensor given its PyTorch-order shape.
+    pub fn tensor_f32(&mut self, name: &str, torch_shape: &[usize], data: &[f32]) {
+        assert_eq!(torch_shape.iter().product::<usize>(), data.len());
+        let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.tensor_raw(name, torch_shape, GgmlType::F32, bytes);
+    }
+
+    /// Adds a tensor already encoded as `ty`.
+    pub fn tensor_raw(&mut self, name: &str, torch_shape: &[usize], ty: GgmlType, bytes: Vec<u8>) {
+        self.tensors.push((name.to_string(), torch_shape.iter().rev().copied().collect(), ty, bytes));
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        fn string(out: &mut Vec<u8>, s: &str) {
+            out.extend((s.len() as u64).to_le_bytes());
+            out.extend(s.as_bytes());
+        }
+        fn value(out: &mut Vec<u8>, v: &GgufValue) {
+            match v {
+                GgufValue::U8(x) => out.push(*x),
+                GgufValue::I8(x) => out.push(*x as u8),
+                GgufValue::U16(x) => out.extend(x.to_le_bytes()),
+                GgufValue::I16(x) => out.extend(x.to_le_bytes()),
+                GgufValue::U32(x) => out.extend(x.to_le_bytes()),
+                GgufValue::I32(x) => out.extend(x.to_le_bytes()),
+                GgufValue::F32(x) => out.extend(x.to_le_bytes()),
+                GgufValue::Bool(x) => out.push(*x as u8),
+                GgufValue::String(s) => string(out, s),
+                GgufValue::Array(a) => {
+                    out.extend(a.first().map_or(4, GgufValue::type_id).to_le_bytes());
+                    out.extend((a.len() as u64).to_le_bytes());
+                    for x in a {
+                        value(out, x);
+                    }
+                }
+                GgufValue::U64(x) => out.extend(x.to_le_bytes()),
+                GgufValue::I64(x) => out.extend(x.to_le_bytes()),
+                GgufValue::F64(x) => out.extend(x.to_le_bytes()),
+            }
+        }
+        let mut out = Vec::new();
+        out.extend(MAGIC);
+        out.extend(3u32.to_le_bytes());
+        out.extend((self.tensors.len() as u64).to_le_bytes());
+        out.extend((self.metadata.len() as u64).to_le_bytes());
+        for (k, v) in &self.metadata {
+            string(&mut out, k);
+            out.extend(v.type_id().to_le_bytes());
+            value(&mut out, v);
+        }
+        let mut offset = 0usize;
+        for (name, dims, ty, bytes) in &self.tensors {
+            string(&mut out, name);
+            out.extend((dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend((*d as u64).to_le_bytes());
+            }
+            out.extend(ty.id().to_le_bytes());
+            out.extend((offset as u64).to_le_bytes());
+            offset += bytes.len().div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+        }
+        out.resize(out.len().div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT, 0);
+        for (_, _, _, bytes) in &self.tensors {
+            out.extend(bytes);
+            out.resize(out.len().div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT, 0);
+        }
+        out
+    }
+}
+
+/// llama.cpp's name for a Hugging Face decoder tensor (`model.layers.3.self_attn.q_proj.weight` →
+/// `blk.3.attn_q.weight`), or `None` for names outside the decoder layout.
+pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, module) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = module.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// Decoder configuration from GGUF metadata (`general.architecture` llama or qwen2).
+pub fn decoder_config(g: &GgufFile) -> Result<DecoderConfig> {
+    let arch_name = g.get_str("general.architecture").context("GGUF has no general.architecture")?;
+    let arch = match arch_name {
+        "llama" => Arch::Llama,
+        "mistral" => Arch::Mistral,
+        "qwen2" => Arch::Qwen2,
+        other => bail!("GGUF architecture \"{other}\" is not supported (supported: llama, mistral, qwen2)"),
+    };
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let req = |k: &str| g.get_u64(&key(k)).map(|v| v as usize).with_context(|| format!("GGUF metadata {} is missing", key(k)));
+    let hidden_size = req("embedding_length")?;
+    let num_heads = req("attention.head_count")?;
+    let num_kv_heads = g.get_u64(&key("attention.head_count_kv")).map(|v| v as usize).unwrap_or(num_heads);
+    let head_dim = g.get_u64(&key("attention.key_length")).map(|v| v as usize).unwrap_or(hidden_size / num_heads);
+    let vocab_size = match g.get_u64(&key("vocab_size")) {
+        Some(v) => v as usize,
+        None => g.tensor("token_embd.weight").context("GGUF has no token_embd.weight")?.dims[1],
+    };
+    if g.tensor("rope_freqs.weight").is_some() {
+        bail!("GGUF models with rope_freqs (Llama 3.1 rope scaling) are not supported yet");
+    }
+    let rope_scaling = match (g.get_str(&key("rope.scaling.type")), g.get_f64(&key("rope.scaling.factor"))) {
+        (None | Some("none"), _) => RopeScaling::Default,
+        (Some("linear"), Some(f)) => RopeScaling::Linear { factor: f as f32 },
+        (Some(t), _) => bail!("GGUF rope scaling \"{t}\" is not supported"),
+    };
+    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        bail!("head_count ({num_heads}) must be a multiple of head_count_kv ({num_kv_heads})");
+    }
+    Ok(DecoderConfig {
+        arch,
+        vocab_size,
+        hidden_size,
+        intermediate_size: req("feed_forward_length")?,
+        num_layers: req("block_count")?,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rms_norm_eps: g.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f32,
+        rope_theta: g.get_f64(&key("rope.freq_base")).unwrap_or(10000.0) as f32,
+        rope_scaling,
+        max_position_embeddings: g.get_u64(&key("context_length")).unwrap_or(4096) as usize,
+        tie_word_embeddings: g.tensor("output.weight").is_none(),
+        qkv_bias: arch == Arch::Qwen2 || g.tensor("blk.0.attn_q.bias").is_some(),
+        o_bias: g.tensor("blk.0.attn_output.bias").is_some(),
+        mlp_bias: g.tensor("blk.0.ffn_up.bias").is_some(),
+        sliding_window: None,
+        bos_token_id: g.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32),
+        eos_token_ids: g.get_u64("tokenizer.ggml.eos_token_id").map(|v| v as u32).into_iter().collect(),
+    })
+}
+
+/// Weights of a GGUF decoder seen under Hugging Face names and layout: tensors are dequantized,
+/// and q/k rows are put back in the order transformers uses (llama.cpp's converter interleaves
+/// the two rotary halves of each head for llama-architecture files).
+pub struct GgufWeights<'a> {
+    pub file: &'a GgufFile,
+    pub config: &'a DecoderConfig,
+}
+
+impl WeightSource for GgufWeights<'_> {
+    fn f32(&self, hf_name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let name = hf_to_gguf_name(hf_name).with_context(|| format!("no GGUF name for tensor {hf_name}"))?;
+        let (data, got) = self.file.tensor_f32(&name).with_context(|| format!("(Hugging Face name {hf_name})"))?;
+        if got != shape {
+            bail!("tensor {name} ({hf_name}) in {} has shape {got:?}, expected {shape:?}", self.file.path.display());
+        }
+        let heads = if hf_name.ends_with("self_attn.q_proj.weight") || hf_name.ends_with("self_attn.q_proj.bias") {
+            self.config.num_heads
+        } else if hf_name.ends_with("self_attn.k_proj.weight") || hf_name.ends_with("self_attn.k_proj.bias") {
+            self.config.num_kv_heads
+        } else {
+            return Ok(data);
+        };
+        if self.config.arch == Arch::Qwen2 {
+            return Ok(data); // qwen2 GGUFs keep the Hugging Face row order
+        }
+        Ok(unpermute_rows(&data, heads, shape[0], data.len() / shape[0]))
+    }
+}
+
+/// Inverse of llama.cpp's q/k permutation: within each head, GGUF row 2i+j is HF row j·(hd/2)+i.
+fn unpermute_rows(data: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0.0; data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * hd + 2 * i + j;
+                let dst = h * hd + j * half + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writer_and_reader_roundtrip() {
+        let mut w = GgufWriter::default();
+        w.meta("general.architecture", GgufValue::String("llama".into()));
+        w.meta("x.list", GgufValue::Array(vec![GgufValue::String("a".into()), GgufValue::String("b".into())]));
+        w.meta("x.f", GgufValue::F32(0.5));
+        w.tensor_f32("t", &[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        w.tensor_f32("u", &[5], &[9.0; 5]);
+        let p = std::env::temp_dir().join(format!("lowrank-gguf-{}.gguf", std::process::id()));
+        std::fs::write(&p, w.to_bytes()).unwrap();
+        let g = GgufFile::open(&p).unwrap();
+        assert_eq!(g.get_str("general.architecture"), Some("llama"));
+        assert_eq!(g.get("x.list").unwrap().as_array().unwrap().len(), 2);
+        assert_eq!(g.get_f64("x.f"), Some(0.5));
+        assert_eq!(g.tensor_f32("t").unwrap(), (vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], vec![2, 3]));
+        assert_eq!(g.tensor_f32("u").unwrap().0, vec![9.0; 5]);
+        // A truncated file is an error, not a panic.
+        let bytes = std::fs::read(&p).unwrap();
+        for cut in [3, 20, 60, bytes.len() - 16] {
+            std::fs::write(&p, &bytes[..cut]).unwrap();
+            assert!(GgufFile::open(&p).is_err(), "cut at {cut}");
+        }
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn name_mapping_and_unpermute() {
+        assert_eq!(hf_to_gguf_name("model.layers.12.mlp.down_proj.weight").unwrap(), "blk.12.ffn_down.weight");
+        assert_eq!(hf_to_gguf_name("model.layers.0.self_attn.q_proj.bias").unwrap(), "blk.0.attn_q.bias");
+        assert_eq!(hf_to_gguf_name("model.embed_tokens.weight").unwrap(), "token_embd.weight");
+        assert!(hf_to_gguf_name("model.layers.x.foo").is_none());
+        // one head of 4 rows, 1 column: GGUF order [r0, r2, r1, r3] → HF order [r0, r1, r2, r3]
+        assert_eq!(unpermute_rows(&[0.0, 2.0, 1.0, 3.0], 1, 4, 1), vec![0.0, 1.0, 2.0, 3.0]);
+    }
+}

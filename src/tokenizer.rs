@@ -1,0 +1,206 @@
+//! Tokenizers: Hugging Face `tokenizers` built from a model directory's tokenizer.json or from GGUF
+//! metadata, plus what the model says about special tokens and its chat template.
+
+use crate::model::gguf::{GgufFile, GgufValue};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::Path;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    pub bos_token: String,
+    pub eos_token: String,
+    /// Whether plain text gets a BOS token prepended (`add_bos_token`).
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+}
+
+/// The regex of llama 3's pre-tokenizer (`tokenizer.ggml.pre` = llama-bpe).
+const LLAMA3_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's: as llama 3's, but digits one at a time.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+fn byte_level(use_regex: bool) -> Value {
+    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
+}
+
+/// The pre-tokenizer llama.cpp names by `tokenizer.ggml.pre`, as tokenizers JSON.
+fn gguf_pre_tokenizer(pre: &str) -> Result<Value> {
+    let split = |re: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
+            byte_level(false)]})
+    };
+    Ok(match pre {
+        "default" | "gpt-2" | "gpt2" => byte_level(true),
+        // SmolLM2: digits split one by one, then GPT-2 byte-level BPE.
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "llama-bpe" | "llama3" => split(LLAMA3_SPLIT),
+        "qwen2" => split(QWEN2_SPLIT),
+        other => bail!("GGUF pre-tokenizer \"{other}\" is not supported (supported: default, gpt2, smollm, llama-bpe, qwen2)"),
+    })
+}
+
+fn strings(g: &GgufFile, key: &str) -> Result<Vec<String>> {
+    let a = g.get(key).and_then(GgufValue::as_array).with_context(|| format!("GGUF metadata {key} is missing"))?;
+    a.iter().map(|v| v.as_str().map(str::to_string).with_context(|| format!("{key}: expected strings"))).collect()
+}
+
+fn token_content(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// From a Hugging Face model directory: tokenizer.json, tokenizer_config.json and, when
+    /// present, chat_template.jinja (which transformers 5 writes instead of the config key).
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(t) => serde_json::from_str(&t).with_context(|| format!("parsing {}", cfg_path.display()))?,
+            Err(_) => json!({}),
+        };
+        let mut chat_template = match cfg.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str))
+                .map(str::to_string),
+            _ => None,
+        };
+        if let Ok(t) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
+            chat_template = Some(t);
+        }
+        let model_cfg: Value =
+            std::fs::read_to_string(dir.join("config.json")).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(json!({}));
+        let id_of = |key: &str| -> (String, Option<u32>) {
+            let tok = cfg.get(key).and_then(token_content);
+            let id = tok.as_deref().and_then(|t| inner.token_to_id(t)).or_else(|| {
+                let k = format!("{key}_id");
+                match model_cfg.get(&k) {
+                    Some(Value::Array(a)) => a.first().and_then(Value::as_u64).map(|x| x as u32),
+                    Some(v) => v.as_u64().map(|x| x as u32),
+                    None => None,
+                }
+            });
+            let tok = tok.or_else(|| id.and_then(|i| inner.id_to_token(i))).unwrap_or_default();
+            (tok, id)
+        };
+        let (bos_token, bos_id) = id_of("bos_token");
+        let (eos_token, eos_id) = id_of("eos_token");
+        Ok(Tokenizer {
+            inner,
+            bos_id,
+            eos_id,
+            bos_token,
+            eos_token,
+            add_bos: cfg.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false),
+            chat_template,
+        })
+    }
+
+    /// From GGUF metadata (`tokenizer.ggml.model` gpt2: byte-level BPE).
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let model = g.get_str("tokenizer.ggml.model").context("GGUF has no tokenizer (tokenizer.ggml.model)")?;
+        if model != "gpt2" {
+            bail!("GGUF tokenizer model \"{model}\" is not supported yet (only gpt2-style BPE); load the model's Hugging Face directory instead");
+        }
+        let tokens = strings(g, "tokenizer.ggml.tokens")?;
+        let merges = strings(g, "tokenizer.ggml.merges")?;
+        let types: Vec<u64> = match g.get("tokenizer.ggml.token_type").and_then(GgufValue::as_array) {
+            Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
+            None => vec![1; tokens.len()],
+        };
+        let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
+        let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        let merges: Vec<Value> = merges
+            .iter()
+            .map(|m| m.split_once(' ').map(|(a, b)| json!([a, b])).with_context(|| format!("malformed merge {m:?}")))
+            .collect::<Result<_>>()?;
+        // Control (3) and user-defined (4) tokens match as whole strings before BPE.
+        let added: Vec<Value> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+            .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": types[i] == 3}))
+            .collect();
+        let bos_id = g.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32);
+        let eos_id = g.get_u64("tokenizer.ggml.eos_token_id").map(|v| v as u32);
+        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(GgufValue::as_bool).unwrap_or(false);
+        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();
+        let (bos_token, eos_token) = (name(bos_id), name(eos_id));
+        let post = if add_bos && bos_id.is_some() {
+            json!({"type": "TemplateProcessing",
+                   "single": [{"SpecialToken": {"id": bos_token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                   "pair": [{"SpecialToken": {"id": bos_token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                   "special_tokens": {bos_token.clone(): {"id": bos_token, "ids": [bos_id], "tokens": [bos_token]}}})
+        } else {
+            Value::Null
+        };
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": gguf_pre_tokenizer(pre)?,
+            "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges},
+        });
+        let inner: tokenizers::Tokenizer =
+            spec.to_string().parse().map_err(|e| anyhow!("building the tokenizer from GGUF metadata: {e}"))?;
+        Ok(Tokenizer {
+            inner,
+            bos_id,
+            eos_id,
+            bos_token,
+            eos_token,
+            add_bos,
+            chat_template: g.get_str("tokenizer.chat_template").map(str::to_string),
+        })
+    }
+
+    /// Token ids of `text`; `add_special` adds what the tokenizer adds around plain text (BOS).
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        Ok(self.encode_with_offsets(text, add_special)?.0)
+    }
+
+    /// Token ids and, per token, the byte range of `text` it came from.
+    pub fn encode_with_offsets(&self, text: &str, add_special: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self.inner.encode(text, add_special).map_err(|e| anyhow!("tokenizing: {e}"))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(|e| anyhow!("decoding: {e}"))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The tokenizer as tokenizer.json text (to write next to an exported model).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(|e| anyhow!("serializing the tokenizer: {e}"))
+    }
+}
