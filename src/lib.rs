@@ -4,10 +4,12 @@
 //! Layers, top to bottom: `train` (optimizer, schedules), `lora` (config, adapters, PEFT files),
 //! `model` (configs, weights, architectures), `kernels` (numerics on slices).
 
+pub mod data;
 pub mod io;
 pub mod kernels;
 pub mod lora;
 pub mod model;
+pub mod pretrained;
 pub mod rng;
 pub mod train;
 

@@ -1,0 +1,54 @@
+//! A pre-trained model with its tokenizer, loaded from a Hugging Face directory or a GGUF file.
+
+use crate::model::gguf::GgufFile;
+use crate::model::DecoderModel;
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+pub struct Pretrained {
+    pub model: DecoderModel,
+    pub tokenizer: Tokenizer,
+    pub path: PathBuf,
+}
+
+impl Pretrained {
+    /// Loads `path`: a directory with config.json, safetensors weights and tokenizer.json, or a
+    /// single .gguf file (tokenizer and chat template from its metadata).
+    pub fn load(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!("model path {} does not exist", path.display());
+        }
+        let (model, tokenizer) = if path.is_dir() {
+            let model = DecoderModel::from_hf_dir(path)?;
+            let tokenizer = Tokenizer::from_hf_dir(path)?;
+            (model, tokenizer)
+        } else {
+            let g = GgufFile::open(path)?;
+            let model = DecoderModel::from_gguf(&g).with_context(|| format!("loading {}", path.display()))?;
+            let tokenizer = Tokenizer::from_gguf(&g).with_context(|| format!("loading the tokenizer of {}", path.display()))?;
+            (model, tokenizer)
+        };
+        if tokenizer.vocab_size() > model.config.vocab_size {
+            bail!("the tokenizer has {} tokens but the model only {} embeddings", tokenizer.vocab_size(), model.config.vocab_size);
+        }
+        Ok(Pretrained { model, tokenizer, path: path.to_path_buf() })
+    }
+
+    /// What adapters record as `base_model_name_or_path`.
+    pub fn name(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    /// Token ids that end generation: EOS and, for chat models, the end-of-turn token.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.model.config.eos_token_ids.clone();
+        ids.extend(self.tokenizer.eos_id);
+        for t in ["<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|endoftext|>"] {
+            ids.extend(self.tokenizer.token_to_id(t));
+        }
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+}
