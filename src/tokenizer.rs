@@ -6,6 +6,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
 
+/// Token ids with the byte range of the text each came from.
+pub type IdsWithOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub bos_id: Option<u32>,
@@ -178,7 +181,7 @@ impl Tokenizer {
     }
 
     /// Token ids and, per token, the byte range of `text` it came from.
-    pub fn encode_with_offsets(&self, text: &str, add_special: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str, add_special: bool) -> Result<IdsWithOffsets> {
         let enc = self.inner.encode(text, add_special).map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

@@ -805,12 +805,12 @@ mod tests {
         }
         let seq: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8, 9];
         let v = model.config.vocab_size;
-        let full = model.forward(&Batch::right_padded(&[seq.clone()], 0).unwrap(), &adapter).unwrap();
+        let full = model.forward(&Batch::right_padded(std::slice::from_ref(&seq), 0).unwrap(), &adapter).unwrap();
         let close = |a: &[f32], t: usize| a.iter().zip(&full[t * v..(t + 1) * v]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max) < 1e-4;
         // Row 0: the first 7 tokens; row 1: the first 5, left-padded by 2.
         let mut cache = model.new_cache(2, 10);
         let prompt: Vec<u32> = seq[..7].iter().copied().chain([0, 0]).chain(seq[..5].iter().copied()).collect();
-        let mask: Vec<bool> = (0..14).map(|i| i < 7 || i >= 9).collect();
+        let mask: Vec<bool> = (0..14).map(|i| !(7..9).contains(&i)).collect();
         let logits = model.forward_step(&prompt, &mask, &mut cache, &adapter).unwrap();
         assert!(close(&logits[..v], 6));
         assert!(close(&logits[v..], 4), "left-padded row differs");
