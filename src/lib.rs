@@ -5,10 +5,12 @@
 //! `model` (configs, weights, architectures), `kernels` (numerics on slices).
 
 pub mod data;
+pub mod infer;
 pub mod io;
 pub mod kernels;
 pub mod lora;
 pub mod model;
+pub mod plot;
 pub mod pretrained;
 pub mod rng;
 pub mod train;

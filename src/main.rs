@@ -1,1 +1,475 @@
-fn main() {}
+//! The `lowrank` command line: train, evaluate, preview data and generate. No math lives here.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lowrank::data::{make_sequences, read_jsonl, ChatTemplate, Encoder, Format, Message};
+use lowrank::infer::{exact_match, generate, GenerateParams, SamplingParams};
+use lowrank::lora::adapter::thousands;
+use lowrank::model::decoder::{LowRankSource, NoAdapter};
+use lowrank::pretrained::Pretrained;
+use lowrank::train::trainer::{self, Metric, Progress, TrainConfig};
+use lowrank::LoraAdapter;
+use serde::Deserialize;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Parser)]
+#[command(name = "lowrank", version, about = "LoRA fine-tuning of pre-trained transformer language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fine-tune a LoRA adapter.
+    Train(Box<TrainArgs>),
+    /// Mean loss and perplexity of a model (with an adapter) on a data file; optionally
+    /// exact-match accuracy of its greedy answers.
+    Eval(EvalArgs),
+    /// Inspect data as the trainer sees it.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Generate text from a prompt.
+    Generate(GenerateArgs),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Print tokenized examples; tokens that do not train (label -100) are shown in [brackets].
+    Preview(PreviewArgs),
+}
+
+/// Training settings. Every flag may also be given in a TOML file (`--config`), with the same
+/// names in snake_case; flags override the file.
+#[derive(Args, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct TrainArgs {
+    /// TOML file with any of these settings.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Base model: a Hugging Face directory or a .gguf file.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Training data (JSONL).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Output directory (adapter/, checkpoints/, metrics.jsonl, loss.png).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Separate eval data (JSONL).
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Hold out this fraction of the training data for eval.
+    #[arg(long)]
+    eval_fraction: Option<f64>,
+    /// Data format: text, prompt-completion, alpaca or messages (default: detected per line).
+    #[arg(long)]
+    format: Option<String>,
+    /// Also train on prompt / user tokens.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    train_on_inputs: Option<bool>,
+    /// Skip (and count) malformed lines instead of stopping.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    skip_bad_lines: Option<bool>,
+    /// Pack short examples together into full sequences.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    packing: Option<bool>,
+    /// LoRA rank r.
+    #[arg(long)]
+    rank: Option<usize>,
+    /// LoRA alpha (scale = alpha / r).
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Dropout on the LoRA input.
+    #[arg(long)]
+    dropout: Option<f32>,
+    /// Target modules: comma-separated names (q_proj,v_proj), "all-linear" or re:REGEX.
+    #[arg(long)]
+    targets: Option<String>,
+    /// rsLoRA scaling (alpha / sqrt(r)).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    rslora: Option<bool>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Maximum tokens per sequence (longer examples are truncated and counted).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// linear, cosine, constant or constant_with_warmup.
+    #[arg(long)]
+    schedule: Option<String>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this.
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// Stop after this many optimizer steps (overrides --epochs).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Evaluate every N steps (and at the end).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Write a checkpoint every N steps.
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Checkpoints to keep.
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Continue from a checkpoint directory (…/checkpoints/step-N).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    /// Flags over file over defaults.
+    fn resolve(self) -> Result<TrainConfig> {
+        let file: TrainArgs = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("in {}", p.display()))?
+            }
+            None => TrainArgs::default(),
+        };
+        let d = TrainConfig::default();
+        macro_rules! pick {
+            ($f:ident) => {
+                self.$f.or(file.$f).unwrap_or(d.$f)
+            };
+        }
+        let cfg = TrainConfig {
+            model: self.model.or(file.model).context("--model is required")?,
+            data: self.data.or(file.data).context("--data is required")?,
+            output: pick!(output),
+            eval_data: self.eval_data.or(file.eval_data),
+            eval_fraction: pick!(eval_fraction),
+            format: self.format.or(file.format),
+            train_on_inputs: pick!(train_on_inputs),
+            skip_bad_lines: pick!(skip_bad_lines),
+            packing: pick!(packing),
+            rank: pick!(rank),
+            alpha: pick!(alpha),
+            dropout: pick!(dropout),
+            targets: pick!(targets),
+            rslora: pick!(rslora),
+            batch_size: pick!(batch_size),
+            grad_accum: pick!(grad_accum),
+            seq_len: pick!(seq_len),
+            lr: pick!(lr),
+            warmup_steps: pick!(warmup_steps),
+            schedule: pick!(schedule),
+            weight_decay: pick!(weight_decay),
+            max_grad_norm: pick!(max_grad_norm),
+            epochs: pick!(epochs),
+            max_steps: self.max_steps.or(file.max_steps),
+            eval_every: pick!(eval_every),
+            save_every: pick!(save_every),
+            keep_checkpoints: pick!(keep_checkpoints),
+            seed: pick!(seed),
+            threads: pick!(threads),
+            resume: self.resume.or(file.resume),
+        };
+        Ok(cfg)
+    }
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter directory.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    format: Option<String>,
+    #[arg(long)]
+    train_on_inputs: bool,
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Also generate greedy answers and report exact-match accuracy.
+    #[arg(long)]
+    exact_match: bool,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Print every generated answer (with --exact-match).
+    #[arg(long)]
+    show: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PreviewArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    format: Option<String>,
+    #[arg(long)]
+    train_on_inputs: bool,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Examples to show.
+    #[arg(long, default_value_t = 3)]
+    limit: usize,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Draws a progress bar on a terminal, or prints a log line per step otherwise.
+struct Bar {
+    bar: Option<ProgressBar>,
+    total: usize,
+}
+
+impl Progress for Bar {
+    fn start(&mut self, total: usize, resumed_at: usize) {
+        self.total = total;
+        if std::io::stderr().is_terminal() {
+            let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+            b.set_style(ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]").unwrap());
+            b.set_position(resumed_at as u64);
+            b.reset_eta();
+            self.bar = Some(b);
+        }
+    }
+    fn step(&mut self, m: &Metric) {
+        let msg = format!(
+            "loss {:.4} lr {:.2e} {:.0} tok/s",
+            m.loss.unwrap_or(f64::NAN),
+            m.lr.unwrap_or(0.0),
+            m.tokens_per_s.unwrap_or(0.0)
+        );
+        match &self.bar {
+            Some(b) => {
+                b.set_position(m.step as u64);
+                b.set_message(msg);
+            }
+            None => eprintln!("step {}/{} {msg} grad_norm {:.3}", m.step, self.total, m.grad_norm.unwrap_or(0.0)),
+        }
+    }
+    fn eval(&mut self, m: &Metric) {
+        self.message(&format!("step {}: eval loss {:.4}, perplexity {:.3}", m.step, m.eval_loss.unwrap_or(f64::NAN), m.eval_ppl.unwrap_or(f64::NAN)));
+    }
+    fn message(&mut self, text: &str) {
+        match &self.bar {
+            Some(b) => b.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish();
+        }
+    }
+}
+
+fn set_threads(n: usize) {
+    if n > 0 {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+}
+
+fn load_adapter(p: &Pretrained, path: &Option<PathBuf>) -> Result<Option<LoraAdapter>> {
+    path.as_ref().map(|a| lowrank::lora::peft::load(a, &p.model)).transpose()
+}
+
+fn cmd_train(args: TrainArgs) -> Result<()> {
+    let cfg = args.resolve()?;
+    set_threads(cfg.threads);
+    ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let mut bar = Bar { bar: None, total: 0 };
+    let s = trainer::train(&cfg, &mut bar, &STOP)?;
+    println!(
+        "{} {} steps in {:.1} s, {:.0} tokens/s; final loss {}{}",
+        if s.interrupted { "stopped after" } else { "trained" },
+        s.steps,
+        s.wall_s,
+        s.tokens_per_s,
+        s.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        s.final_eval_loss.map_or(String::new(), |l| format!(", eval loss {l:.4} (perplexity {:.3})", l.exp())),
+    );
+    println!(
+        "trainable params: {} of {} ({:.4}%); adapter {} ({:.2} MiB)",
+        thousands(s.trainable_params),
+        thousands(s.total_params),
+        100.0 * s.trainable_params as f64 / s.total_params as f64,
+        s.adapter_dir.display(),
+        s.adapter_bytes as f64 / (1 << 20) as f64
+    );
+    if s.interrupted {
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let p = Pretrained::load(&a.model)?;
+    let adapter = load_adapter(&p, &a.adapter)?;
+    let ad: &dyn LowRankSource = match &adapter {
+        Some(x) => x,
+        None => &NoAdapter,
+    };
+    let format = a.format.as_deref().map(Format::parse).transpose()?;
+    let (records, _) = read_jsonl(&a.data, format, false)?;
+    let t = &p.tokenizer;
+    let template = t.chat_template.as_deref().map(|s| ChatTemplate::new(s, &t.bos_token, &t.eos_token)).transpose()?;
+    let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: a.train_on_inputs };
+    let examples: Vec<_> = records.iter().enumerate().map(|(i, r)| enc.encode(r).with_context(|| format!("{}: example {}", a.data.display(), i + 1))).collect::<Result<_>>()?;
+    let (seqs, _) = make_sequences(&examples, a.seq_len, false)?;
+    let loss = trainer::evaluate(&p.model, ad, &seqs, a.batch_size, t.eos_id.unwrap_or(0))?;
+    let em = if a.exact_match { Some(exact_match::exact_match(&p, ad, &records, a.batch_size, a.max_new_tokens)?) } else { None };
+    if a.json {
+        let mut v = serde_json::json!({"loss": loss.mean(), "perplexity": loss.mean().exp(), "tokens": loss.count, "examples": records.len()});
+        if let Some(em) = &em {
+            v["exact_match"] = serde_json::json!(em.accuracy());
+            v["exact_match_correct"] = serde_json::json!(em.correct);
+        }
+        println!("{v}");
+    } else {
+        println!("loss {:.4}  perplexity {:.3}  ({} tokens, {} examples)", loss.mean(), loss.mean().exp(), loss.count, records.len());
+        if let Some(em) = &em {
+            if a.show {
+                for (_, want, got) in &em.answers {
+                    println!("{} expected {want:?} got {got:?}", if got.trim() == want.trim() { "ok  " } else { "MISS" });
+                }
+            }
+            println!("exact match {}/{} = {:.1}%", em.correct, em.total, 100.0 * em.accuracy());
+        }
+    }
+    Ok(())
+}
+
+fn cmd_preview(a: PreviewArgs) -> Result<()> {
+    let p = Pretrained::load(&a.model)?;
+    let format = a.format.as_deref().map(Format::parse).transpose()?;
+    let (records, _) = read_jsonl(&a.data, format, false)?;
+    let t = &p.tokenizer;
+    let template = t.chat_template.as_deref().map(|s| ChatTemplate::new(s, &t.bos_token, &t.eos_token)).transpose()?;
+    let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: a.train_on_inputs };
+    println!("Tokens in [brackets] are masked (label -100); the rest train. '|' separates tokens.\n");
+    for (i, r) in records.iter().take(a.limit).enumerate() {
+        let e = enc.encode(r).with_context(|| format!("{}: example {}", a.data.display(), i + 1))?;
+        let n = e.ids.len().min(a.seq_len);
+        let mut line = String::new();
+        for k in 0..n {
+            let piece = t.decode(&e.ids[k..k + 1], false)?.replace('\n', "\\n");
+            if e.train[k] && k > 0 {
+                line.push_str(&piece);
+            } else {
+                line.push_str(&format!("[{piece}]"));
+            }
+            line.push('|');
+        }
+        let trained = e.train[..n].iter().skip(1).filter(|&&x| x).count();
+        println!("example {}: {} tokens, {trained} trained{}", i + 1, e.ids.len(), if e.ids.len() > a.seq_len { format!(", truncated to {}", a.seq_len) } else { String::new() });
+        println!("{line}\n");
+    }
+    Ok(())
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let p = Pretrained::load(&a.model)?;
+    let adapter = load_adapter(&p, &a.adapter)?;
+    let ad: &dyn LowRankSource = match &adapter {
+        Some(x) => x,
+        None => &NoAdapter,
+    };
+    let t = &p.tokenizer;
+    let prompt = if a.chat {
+        let Some(src) = t.chat_template.as_deref() else { bail!("the model has no chat template") };
+        let template = ChatTemplate::new(src, &t.bos_token, &t.eos_token)?;
+        t.encode(&template.render(&[Message::new("user", &a.prompt)], true)?, false)?
+    } else {
+        t.encode(&a.prompt, true)?
+    };
+    let params = GenerateParams {
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, repetition_penalty: a.repetition_penalty, seed: a.seed },
+        stop_ids: p.stop_ids(),
+        stop_strings: a.stop,
+    };
+    let mut out = std::io::stdout();
+    let mut stream = |_: usize, text: &str| {
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+    };
+    generate(&p.model, ad, t, &[prompt], &params, Some(&mut stream))?;
+    println!();
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => cmd_train(*a),
+        Command::Eval(a) => cmd_eval(a),
+        Command::Data { command: DataCommand::Preview(a) } => cmd_preview(a),
+        Command::Generate(a) => cmd_generate(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -10,6 +10,15 @@ use anyhow::{bail, Result};
 const ALPACA_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
 const ALPACA_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
 
+/// The Alpaca prompt of an Alpaca record (empty for other records).
+pub fn alpaca_prompt(record: &Record) -> String {
+    match record {
+        Record::Alpaca { instruction, input, .. } if input.is_empty() => ALPACA_NO_INPUT.replace("{instruction}", instruction),
+        Record::Alpaca { instruction, input, .. } => ALPACA_WITH_INPUT.replace("{instruction}", instruction).replace("{input}", input),
+        _ => String::new(),
+    }
+}
+
 /// One tokenized example. `train[i]` says whether token `i` is a label (is predicted and counted
 /// in the loss); false corresponds to label −100.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,12 +59,8 @@ impl Encoder<'_> {
         match record {
             Record::Text(t) => self.prompt_then_completion(t, 0),
             Record::PromptCompletion { prompt, completion } => self.prompt_then_completion(&format!("{prompt}{completion}"), prompt.len()),
-            Record::Alpaca { instruction, input, output } => {
-                let prompt = if input.is_empty() {
-                    ALPACA_NO_INPUT.replace("{instruction}", instruction)
-                } else {
-                    ALPACA_WITH_INPUT.replace("{instruction}", instruction).replace("{input}", input)
-                };
+            Record::Alpaca { output, .. } => {
+                let prompt = alpaca_prompt(record);
                 self.prompt_then_completion(&format!("{prompt}{output}"), prompt.len())
             }
             Record::Messages(msgs) => {
