@@ -288,12 +288,8 @@ impl Progress for Bar {
         }
     }
     fn step(&mut self, m: &Metric) {
-        let msg = format!(
-            "loss {:.4} lr {:.2e} {:.0} tok/s",
-            m.loss.unwrap_or(f64::NAN),
-            m.lr.unwrap_or(0.0),
-            m.tokens_per_s.unwrap_or(0.0)
-        );
+        let msg =
+            format!("loss {:.4} lr {:.2e} {:.0} tok/s", m.loss.unwrap_or(f64::NAN), m.lr.unwrap_or(0.0), m.tokens_per_s.unwrap_or(0.0));
         match &self.bar {
             Some(b) => {
                 b.set_position(m.step as u64);
@@ -303,7 +299,12 @@ impl Progress for Bar {
         }
     }
     fn eval(&mut self, m: &Metric) {
-        self.message(&format!("step {}: eval loss {:.4}, perplexity {:.3}", m.step, m.eval_loss.unwrap_or(f64::NAN), m.eval_ppl.unwrap_or(f64::NAN)));
+        self.message(&format!(
+            "step {}: eval loss {:.4}, perplexity {:.3}",
+            m.step,
+            m.eval_loss.unwrap_or(f64::NAN),
+            m.eval_ppl.unwrap_or(f64::NAN)
+        ));
     }
     fn message(&mut self, text: &str) {
         match &self.bar {
@@ -376,12 +377,17 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let t = &p.tokenizer;
     let template = t.chat_template.as_deref().map(|s| ChatTemplate::new(s, &t.bos_token, &t.eos_token)).transpose()?;
     let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: a.train_on_inputs };
-    let examples: Vec<_> = records.iter().enumerate().map(|(i, r)| enc.encode(r).with_context(|| format!("{}: example {}", a.data.display(), i + 1))).collect::<Result<_>>()?;
+    let examples: Vec<_> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| enc.encode(r).with_context(|| format!("{}: example {}", a.data.display(), i + 1)))
+        .collect::<Result<_>>()?;
     let (seqs, _) = make_sequences(&examples, a.seq_len, false)?;
     let loss = trainer::evaluate(&p.model, ad, &seqs, a.batch_size, t.eos_id.unwrap_or(0))?;
     let em = if a.exact_match { Some(exact_match::exact_match(&p, ad, &records, a.batch_size, a.max_new_tokens)?) } else { None };
     if a.json {
-        let mut v = serde_json::json!({"loss": loss.mean(), "perplexity": loss.mean().exp(), "tokens": loss.count, "examples": records.len()});
+        let mut v =
+            serde_json::json!({"loss": loss.mean(), "perplexity": loss.mean().exp(), "tokens": loss.count, "examples": records.len()});
         if let Some(em) = &em {
             v["exact_match"] = serde_json::json!(em.accuracy());
             v["exact_match_correct"] = serde_json::json!(em.correct);
@@ -423,7 +429,12 @@ fn cmd_preview(a: PreviewArgs) -> Result<()> {
             line.push('|');
         }
         let trained = e.train[..n].iter().skip(1).filter(|&&x| x).count();
-        println!("example {}: {} tokens, {trained} trained{}", i + 1, e.ids.len(), if e.ids.len() > a.seq_len { format!(", truncated to {}", a.seq_len) } else { String::new() });
+        println!(
+            "example {}: {} tokens, {trained} trained{}",
+            i + 1,
+            e.ids.len(),
+            if e.ids.len() > a.seq_len { format!(", truncated to {}", a.seq_len) } else { String::new() }
+        );
         println!("{line}\n");
     }
     Ok(())
@@ -446,7 +457,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     let params = GenerateParams {
         max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, repetition_penalty: a.repetition_penalty, seed: a.seed },
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed,
+        },
         stop_ids: p.stop_ids(),
         stop_strings: a.stop,
     };

@@ -7,5 +7,5 @@ pub mod template;
 
 pub use examples::{make_sequences, Encoder, Example, Sequence, SequenceStats};
 pub use loader::{to_batch, Cursor, Loader};
-pub use records::{read_jsonl, Format, Record};
+pub use records::{parse_record, read_jsonl, Format, Record};
 pub use template::{ChatTemplate, Message};

@@ -17,7 +17,11 @@ pub struct ExactMatch {
 
 impl ExactMatch {
     pub fn accuracy(&self) -> f64 {
-        if self.total == 0 { 0.0 } else { self.correct as f64 / self.total as f64 }
+        if self.total == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.total as f64
+        }
     }
 }
 
@@ -35,7 +39,13 @@ pub fn prompt_and_answer(record: &Record, template: Option<&ChatTemplate>) -> Re
     })
 }
 
-pub fn exact_match(p: &Pretrained, ad: &dyn LowRankSource, records: &[Record], batch_size: usize, max_new_tokens: usize) -> Result<ExactMatch> {
+pub fn exact_match(
+    p: &Pretrained,
+    ad: &dyn LowRankSource,
+    records: &[Record],
+    batch_size: usize,
+    max_new_tokens: usize,
+) -> Result<ExactMatch> {
     let t = &p.tokenizer;
     let template = t.chat_template.as_deref().map(|s| ChatTemplate::new(s, &t.bos_token, &t.eos_token)).transpose()?;
     let mut result = ExactMatch::default();

@@ -102,7 +102,11 @@ pub fn generate(
     let plen = prompts.iter().map(Vec::len).max().unwrap();
     let capacity = plen + params.max_new_tokens;
     if capacity > model.config.max_position_embeddings {
-        bail!("prompt of {plen} tokens + {} new tokens exceeds the model's context of {}", params.max_new_tokens, model.config.max_position_embeddings);
+        bail!(
+            "prompt of {plen} tokens + {} new tokens exceeds the model's context of {}",
+            params.max_new_tokens,
+            model.config.max_position_embeddings
+        );
     }
     let mut cache = model.new_cache(b, capacity);
     let mut tokens = Vec::with_capacity(b * plen);

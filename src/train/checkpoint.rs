@@ -69,7 +69,8 @@ pub fn save(dir: &Path, adapter: &LoraAdapter, opt: &AdamW, state: &TrainerState
 /// Reads a checkpoint directory written by `save`.
 pub fn load(dir: &Path, model: &DecoderModel) -> Result<Checkpoint> {
     let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&state_path).with_context(|| format!("{} is not a lowrank checkpoint (no {STATE_FILE})", dir.display()))?;
+    let text =
+        std::fs::read_to_string(&state_path).with_context(|| format!("{} is not a lowrank checkpoint (no {STATE_FILE})", dir.display()))?;
     let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("parsing {}", state_path.display()))?;
     let adapter = lora::peft::load(dir, model)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
@@ -83,7 +84,15 @@ pub fn load(dir: &Path, model: &DecoderModel) -> Result<Checkpoint> {
         md.metadata().as_ref().and_then(|m| m.get(k).cloned()).with_context(|| format!("{}: no {k} in metadata", opt_path.display()))
     };
     let num = |k: &str| -> Result<f64> { meta(k)?.parse::<f64>().with_context(|| format!("{}: bad {k}", opt_path.display())) };
-    let optimizer = AdamW { beta1: num("beta1")?, beta2: num("beta2")?, eps: num("eps")?, weight_decay: num("weight_decay")?, m, v, step: num("step")? as u64 };
+    let optimizer = AdamW {
+        beta1: num("beta1")?,
+        beta2: num("beta2")?,
+        eps: num("eps")?,
+        weight_decay: num("weight_decay")?,
+        m,
+        v,
+        step: num("step")? as u64,
+    };
     if optimizer.step as usize != state.step {
         bail!("{}: optimizer step {} does not match trainer step {}", dir.display(), optimizer.step, state.step);
     }

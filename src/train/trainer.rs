@@ -105,7 +105,15 @@ impl TrainConfig {
 
     /// The settings a resumed run must share with the run that wrote the checkpoint.
     fn fingerprint(&self) -> String {
-        let c = TrainConfig { output: PathBuf::new(), resume: None, threads: 0, eval_every: 0, save_every: 0, keep_checkpoints: 0, ..self.clone() };
+        let c = TrainConfig {
+            output: PathBuf::new(),
+            resume: None,
+            threads: 0,
+            eval_every: 0,
+            save_every: 0,
+            keep_checkpoints: 0,
+            ..self.clone()
+        };
         serde_json::to_string(&c).expect("serializable")
     }
 
@@ -202,7 +210,11 @@ pub fn prepare_data(cfg: &TrainConfig, p: &Pretrained) -> Result<PreparedData> {
         let eval_set: std::collections::HashSet<usize> = idx[..n_eval].iter().copied().collect();
         let mut train = Vec::new();
         for (i, r) in records.into_iter().enumerate() {
-            if eval_set.contains(&i) { eval_records.push(r) } else { train.push(r) }
+            if eval_set.contains(&i) {
+                eval_records.push(r)
+            } else {
+                train.push(r)
+            }
         }
         records = train;
     }
@@ -210,7 +222,10 @@ pub fn prepare_data(cfg: &TrainConfig, p: &Pretrained) -> Result<PreparedData> {
     let template = t.chat_template.as_deref().map(|s| ChatTemplate::new(s, &t.bos_token, &t.eos_token)).transpose()?;
     let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: cfg.train_on_inputs };
     let encode_all = |rs: &[Record], what: &str, path: &Path| -> Result<Vec<crate::data::Example>> {
-        rs.iter().enumerate().map(|(i, r)| enc.encode(r).with_context(|| format!("{what} example {} of {}", i + 1, path.display()))).collect()
+        rs.iter()
+            .enumerate()
+            .map(|(i, r)| enc.encode(r).with_context(|| format!("{what} example {} of {}", i + 1, path.display())))
+            .collect()
     };
     let train_examples = encode_all(&records, "training", &cfg.data)?;
     let (train, train_stats) = make_sequences(&train_examples, cfg.seq_len, cfg.packing)?;
@@ -258,7 +273,10 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
         Some(dir) => {
             let c = checkpoint::load(dir, &p.model).with_context(|| format!("resuming from {}", dir.display()))?;
             if c.state.fingerprint != cfg.fingerprint() {
-                bail!("{} was written by a run with different settings (model, data, LoRA or optimizer); resume needs the same ones", dir.display());
+                bail!(
+                    "{} was written by a run with different settings (model, data, LoRA or optimizer); resume needs the same ones",
+                    dir.display()
+                );
             }
             progress.message(&format!("resuming from {} at step {}", dir.display(), c.state.step));
             (c.adapter, c.optimizer, c.state)
@@ -266,7 +284,14 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
         None => {
             let adapter = LoraAdapter::new(cfg.lora_config(&p.name()), &p.model, cfg.seed)?;
             let opt = AdamW::new(adapter.num_params(), 0.9, 0.999, 1e-8, cfg.weight_decay);
-            let state = TrainerState { step: 0, total_steps, cursor: Cursor::default(), rng: Rng::new(cfg.seed.wrapping_add(1)).state(), tokens_seen: 0, fingerprint: cfg.fingerprint() };
+            let state = TrainerState {
+                step: 0,
+                total_steps,
+                cursor: Cursor::default(),
+                rng: Rng::new(cfg.seed.wrapping_add(1)).state(),
+                tokens_seen: 0,
+                fingerprint: cfg.fingerprint(),
+            };
             (adapter, opt, state)
         }
     };
@@ -328,7 +353,16 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
         let last = state.step == total_steps;
         if !data.eval.is_empty() && ((cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || last) {
             let e = evaluate(&p.model, &adapter, &data.eval, cfg.batch_size, pad)?;
-            let em = Metric { step: state.step, eval_loss: Some(e.mean()), eval_ppl: Some(e.mean().exp()), loss: None, lr: None, grad_norm: None, tokens_per_s: None, ..m };
+            let em = Metric {
+                step: state.step,
+                eval_loss: Some(e.mean()),
+                eval_ppl: Some(e.mean().exp()),
+                loss: None,
+                lr: None,
+                grad_norm: None,
+                tokens_per_s: None,
+                ..m
+            };
             last_eval = em.eval_loss;
             progress.eval(&em);
             append_metric(&metrics_path, &em)?;
@@ -338,7 +372,11 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
             let dir = checkpoint::save(&ckpt_dir, &adapter, &opt, &state)?;
             checkpoint::prune(&ckpt_dir, cfg.keep_checkpoints)?;
             if stopping {
-                progress.message(&format!("interrupted: checkpoint written to {} (continue with --resume {})", dir.display(), dir.display()));
+                progress.message(&format!(
+                    "interrupted: checkpoint written to {} (continue with --resume {})",
+                    dir.display(),
+                    dir.display()
+                ));
             }
         }
         if stopping && !last {
@@ -373,7 +411,11 @@ pub fn read_metrics(path: &Path) -> Result<Vec<Metric>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    text.lines().filter(|l| !l.trim().is_empty()).enumerate().map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1))).collect()
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1)))
+        .collect()
 }
 
 fn write_metrics(path: &Path, metrics: &[Metric]) -> Result<()> {
