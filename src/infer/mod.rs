@@ -9,6 +9,9 @@ use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 
+/// Receives (row, newly decoded text) while generating.
+pub type TextSink<'a> = &'a mut dyn FnMut(usize, &str);
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy decoding.
@@ -93,7 +96,7 @@ pub fn generate(
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
     params: &GenerateParams,
-    mut on_text: Option<&mut dyn FnMut(usize, &str)>,
+    mut on_text: Option<TextSink>,
 ) -> Result<Vec<Vec<u32>>> {
     if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
         bail!("generation needs a non-empty prompt");

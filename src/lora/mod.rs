@@ -1,6 +1,7 @@
 //! LoRA: configuration (PEFT's names), adapter weights and their init, PEFT adapter files.
 
 pub mod adapter;
+pub mod combine;
 pub mod config;
 pub mod peft;
 

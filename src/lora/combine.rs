@@ -1,0 +1,154 @@
+//! Using several adapters: a named set with one active adapter at a time (each with its own
+//! scale), merging an adapter into the base weights and back, and PEFT's
+//! `add_weighted_adapter` for the `linear` and `cat` combinations.
+
+use super::adapter::LoraAdapter;
+use super::config::TargetModules;
+use crate::kernels::matmul;
+use crate::model::decoder::{DecoderModel, LowRank, LowRankSource, ModuleKind};
+use anyhow::{bail, Result};
+
+/// Adapters loaded side by side, unmerged; `active` picks the one the model applies.
+#[derive(Default)]
+pub struct AdapterSet {
+    pub entries: Vec<(String, LoraAdapter, f32)>,
+    pub active: Option<usize>,
+}
+
+impl AdapterSet {
+    pub fn add(&mut self, name: &str, adapter: LoraAdapter, scale: f32) -> Result<()> {
+        if self.entries.iter().any(|e| e.0 == name) {
+            bail!("an adapter named \"{name}\" is already loaded");
+        }
+        self.entries.push((name.to_string(), adapter, scale));
+        if self.active.is_none() {
+            self.active = Some(self.entries.len() - 1);
+        }
+        Ok(())
+    }
+
+    /// Makes `name` the active adapter, or none with `None`.
+    pub fn activate(&mut self, name: Option<&str>) -> Result<()> {
+        self.active = match name {
+            None => None,
+            Some(n) => match self.entries.iter().position(|e| e.0 == n) {
+                Some(i) => Some(i),
+                None => bail!("no adapter named \"{n}\" (loaded: {})", self.names().join(", ")),
+            },
+        };
+        Ok(())
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.entries.iter().map(|e| e.0.clone()).collect()
+    }
+
+    pub fn active_name(&self) -> Option<&str> {
+        self.active.map(|i| self.entries[i].0.as_str())
+    }
+}
+
+impl LowRankSource for AdapterSet {
+    fn lookup(&self, layer: usize, kind: ModuleKind) -> Option<LowRank<'_>> {
+        let (_, adapter, scale) = &self.entries[self.active?];
+        adapter.lookup(layer, kind).map(|lr| LowRank { scale: lr.scale * scale, ..lr })
+    }
+}
+
+/// W += weight · scale · B·A for every module of the adapter (`weight` = −1 undoes it).
+fn add_delta(model: &mut DecoderModel, adapter: &LoraAdapter, weight: f32) {
+    for m in &adapter.modules {
+        let lin = &mut model.layers[m.layer].linear[m.kind.index()];
+        matmul(&mut lin.w, adapter.b(m), false, adapter.a(m), false, m.out_features, m.in_features, m.r, weight * m.scale, true);
+    }
+}
+
+/// Folds the adapter into the base weights: afterwards the model alone computes what model +
+/// adapter computed (zero inference overhead).
+pub fn merge(model: &mut DecoderModel, adapter: &LoraAdapter, weight: f32) {
+    add_delta(model, adapter, weight);
+}
+
+/// Undoes `merge` by subtracting the same product. Float rounding leaves each weight within a
+/// few ulps of its original value (the tests bound it).
+pub fn unmerge(model: &mut DecoderModel, adapter: &LoraAdapter, weight: f32) {
+    add_delta(model, adapter, -weight);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Combination {
+    /// A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ, B = Σ √|wᵢsᵢ|·Bᵢ (equal ranks required).
+    Linear,
+    /// A = [w₁s₁A₁; w₂s₂A₂; …], B = [B₁ B₂ …]: the update is exactly Σ wᵢsᵢBᵢAᵢ.
+    Cat,
+}
+
+impl Combination {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "linear" => Ok(Combination::Linear),
+            "cat" => Ok(Combination::Cat),
+            _ => bail!("unknown combination \"{s}\" (supported: linear, cat)"),
+        }
+    }
+}
+
+/// PEFT's `add_weighted_adapter`: a new adapter with r = lora_alpha = the new rank, the first
+/// adapter's other settings, and target modules the union of all adapters' modules.
+pub fn add_weighted(model: &DecoderModel, adapters: &[(&LoraAdapter, f32)], how: Combination) -> Result<LoraAdapter> {
+    let Some((first, _)) = adapters.first() else { bail!("no adapters to combine") };
+    let how = if adapters.len() == 1 { Combination::Linear } else { how };
+    let ranks: Vec<usize> = adapters.iter().map(|(a, _)| a.config.r).collect();
+    let new_rank = match how {
+        Combination::Linear => {
+            if ranks.iter().any(|&r| r != ranks[0]) || adapters.iter().any(|(a, _)| a.modules.iter().any(|m| m.r != ranks[0])) {
+                bail!("the linear combination needs adapters of one rank (got {ranks:?}); use cat");
+            }
+            ranks[0]
+        }
+        Combination::Cat => ranks.iter().sum(),
+    };
+    let mut names: Vec<String> = adapters.iter().flat_map(|(a, _)| a.modules.iter().map(|m| m.name.clone())).collect();
+    names.sort();
+    names.dedup();
+    let mut config = first.config.clone();
+    config.r = new_rank;
+    config.lora_alpha = new_rank as f32;
+    config.target_modules = TargetModules::Names(names);
+    config.rank_pattern.clear();
+    config.alpha_pattern.clear();
+    let mut out = LoraAdapter::zeros(config, model)?;
+    for i in 0..out.modules.len() {
+        let t = out.modules[i].clone();
+        let (a_len, b_len) = (t.a_len(), t.b_len());
+        let mut new_a = vec![0.0f32; a_len];
+        let mut new_b = vec![0.0f32; b_len];
+        let mut row = 0; // for cat: where the next adapter's rows of A (columns of B) go
+        for (adapter, weight) in adapters {
+            let Some(m) = adapter.module(t.layer, t.kind) else { continue };
+            let (a, b) = (adapter.a(m), adapter.b(m));
+            let ws = weight * m.scale;
+            match how {
+                Combination::Linear => {
+                    let (wa, wb) = (ws.abs().sqrt() * ws.signum(), ws.abs().sqrt());
+                    new_a.iter_mut().zip(a).for_each(|(x, y)| *x += wa * y);
+                    new_b.iter_mut().zip(b).for_each(|(x, y)| *x += wb * y);
+                }
+                Combination::Cat => {
+                    for (k, v) in a.iter().enumerate() {
+                        new_a[row * t.in_features + k] = ws * v;
+                    }
+                    for o in 0..t.out_features {
+                        for c in 0..m.r {
+                            new_b[o * t.r + row + c] = b[o * m.r + c];
+                        }
+                    }
+                    row += m.r;
+                }
+            }
+        }
+        out.params[t.offset..t.offset + a_len].copy_from_slice(&new_a);
+        out.params[t.offset + a_len..t.offset + a_len + b_len].copy_from_slice(&new_b);
+    }
+    Ok(out)
+}
