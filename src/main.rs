@@ -4,8 +4,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lowrank::data::{make_sequences, read_jsonl, ChatTemplate, Encoder, Format, Message};
+use lowrank::infer::session::Session;
 use lowrank::infer::{exact_match, generate, GenerateParams, SamplingParams};
 use lowrank::lora::adapter::thousands;
+use lowrank::lora::combine::{add_weighted, merge, AdapterSet, Combination};
 use lowrank::model::decoder::{LowRankSource, NoAdapter};
 use lowrank::pretrained::Pretrained;
 use lowrank::train::trainer::{self, Metric, Progress, TrainConfig};
@@ -36,6 +38,125 @@ enum Command {
     },
     /// Generate text from a prompt.
     Generate(GenerateArgs),
+    /// Chat interactively (/adapter NAME, /adapter none, /adapters, /reset, /quit).
+    Chat(ChatArgs),
+    /// Merge an adapter into the base model and write a Hugging Face directory.
+    Merge(MergeArgs),
+    /// Write an adapter in llama.cpp's GGUF LoRA format.
+    ExportGguf(ExportArgs),
+    /// Combine adapters with PEFT's add_weighted_adapter (linear or cat).
+    Combine(CombineArgs),
+    /// Describe a model or adapter (HF directory, PEFT directory or GGUF file).
+    Inspect { path: PathBuf },
+}
+
+/// Adapters and sampling shared by generate and chat.
+#[derive(Args)]
+struct InferArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Adapter as [NAME=]PATH[@SCALE]; repeatable. The first one starts active.
+    #[arg(long)]
+    adapter: Vec<String>,
+    /// Merge the active adapter into the weights instead of applying it on the fly.
+    #[arg(long)]
+    merged: bool,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl InferArgs {
+    fn session(&self) -> Result<Session> {
+        let p = Pretrained::load(&self.model)?;
+        let mut set = AdapterSet::default();
+        for spec in &self.adapter {
+            let (name, rest) = match spec.split_once('=') {
+                Some((n, r)) => (n.to_string(), r),
+                None => ("default".to_string(), spec.as_str()),
+            };
+            let (path, scale) = match rest.rsplit_once('@') {
+                Some((pth, sc)) if sc.parse::<f32>().is_ok() => (pth, sc.parse::<f32>().unwrap()),
+                _ => (rest, 1.0),
+            };
+            let a = lowrank::lora::peft::load(path.as_ref(), &p.model)?;
+            set.add(&name, a, scale)?;
+        }
+        Ok(Session::new(p, set, self.merged))
+    }
+
+    fn params(&self, p: &Pretrained) -> GenerateParams {
+        GenerateParams {
+            max_new_tokens: self.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            },
+            stop_ids: p.stop_ids(),
+            stop_strings: self.stop.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    infer: InferArgs,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Scale of the adapter's update.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f32,
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(Args)]
+struct CombineArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// PATH@WEIGHT, repeatable.
+    #[arg(long, required = true)]
+    adapter: Vec<String>,
+    /// linear or cat.
+    #[arg(long, default_value = "cat")]
+    combination: String,
+    #[arg(long)]
+    output: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -242,30 +363,13 @@ struct PreviewArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    #[arg(long)]
-    model: PathBuf,
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    infer: InferArgs,
     #[arg(long)]
     prompt: String,
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     chat: bool,
-    #[arg(long, default_value_t = 128)]
-    max_new_tokens: usize,
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Stop when this text appears (repeatable).
-    #[arg(long)]
-    stop: Vec<String>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -440,40 +544,119 @@ fn cmd_preview(a: PreviewArgs) -> Result<()> {
     Ok(())
 }
 
+fn template_of(p: &Pretrained) -> Result<ChatTemplate> {
+    let t = &p.tokenizer;
+    let Some(src) = t.chat_template.as_deref() else { bail!("the model has no chat template") };
+    ChatTemplate::new(src, &t.bos_token, &t.eos_token)
+}
+
+fn stream_to_stdout() -> impl FnMut(usize, &str) {
+    |_: usize, text: &str| {
+        let mut out = std::io::stdout();
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+    }
+}
+
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let p = Pretrained::load(&a.model)?;
-    let adapter = load_adapter(&p, &a.adapter)?;
-    let ad: &dyn LowRankSource = match &adapter {
-        Some(x) => x,
-        None => &NoAdapter,
-    };
+    let s = a.infer.session()?;
+    let p = &s.base;
     let t = &p.tokenizer;
     let prompt = if a.chat {
-        let Some(src) = t.chat_template.as_deref() else { bail!("the model has no chat template") };
-        let template = ChatTemplate::new(src, &t.bos_token, &t.eos_token)?;
-        t.encode(&template.render(&[Message::new("user", &a.prompt)], true)?, false)?
+        t.encode(&template_of(p)?.render(&[Message::new("user", &a.prompt)], true)?, false)?
     } else {
         t.encode(&a.prompt, true)?
     };
-    let params = GenerateParams {
-        max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            repetition_penalty: a.repetition_penalty,
-            seed: a.seed,
-        },
-        stop_ids: p.stop_ids(),
-        stop_strings: a.stop,
-    };
-    let mut out = std::io::stdout();
-    let mut stream = |_: usize, text: &str| {
-        let _ = out.write_all(text.as_bytes());
-        let _ = out.flush();
-    };
-    generate(&p.model, ad, t, &[prompt], &params, Some(&mut stream))?;
+    let mut stream = stream_to_stdout();
+    generate(s.model(), s.source(), t, &[prompt], &a.infer.params(p), Some(&mut stream))?;
     println!();
+    Ok(())
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let mut s = a.infer.session()?;
+    let template = template_of(&s.base)?;
+    let mut history: Vec<Message> = a.system.iter().map(|m| Message::new("system", m)).collect();
+    let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
+    let active = |s: &Session| s.adapters.active_name().unwrap_or("none").to_string();
+    if interactive {
+        eprintln!("lowrank chat — adapter: {}. Commands: /adapter NAME, /adapter none, /adapters, /reset, /quit", active(&s));
+    }
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let mut line = String::new();
+        if stdin.read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        if let Some(cmd) = line.strip_prefix('/') {
+            let mut parts = cmd.split_whitespace();
+            match (parts.next(), parts.next()) {
+                (Some("quit" | "exit"), _) => break,
+                (Some("reset"), _) => {
+                    history.retain(|m| m.role == "system");
+                    println!("[history cleared]");
+                }
+                (Some("adapters"), _) => {
+                    let names = s.adapters.names();
+                    println!("[adapters: {}; active: {}]", if names.is_empty() { "none".into() } else { names.join(", ") }, active(&s));
+                }
+                (Some("adapter"), Some(name)) => match s.switch(if name == "none" { None } else { Some(name) }) {
+                    Ok(()) => println!("[active adapter: {}]", active(&s)),
+                    Err(e) => println!("[{e}]"),
+                },
+                _ => println!("[unknown command /{cmd}]"),
+            }
+            continue;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        history.push(Message::new("user", line));
+        let ids = s.base.tokenizer.encode(&template.render(&history, true)?, false)?;
+        let mut stream = stream_to_stdout();
+        let out = generate(s.model(), s.source(), &s.base.tokenizer, &[ids], &a.infer.params(&s.base), Some(&mut stream))?;
+        println!();
+        history.push(Message::new("assistant", &s.base.tokenizer.decode(&out[0], true)?));
+    }
+    Ok(())
+}
+
+fn cmd_merge(a: MergeArgs) -> Result<()> {
+    let mut p = Pretrained::load(&a.model)?;
+    let adapter = lowrank::lora::peft::load(&a.adapter, &p.model)?;
+    merge(&mut p.model, &adapter, a.scale);
+    lowrank::model::export::save_hf_dir(&p.model, Some(&p.tokenizer), &a.output)?;
+    println!("merged {} into {} → {}", a.adapter.display(), a.model.display(), a.output.display());
+    Ok(())
+}
+
+fn cmd_export_gguf(a: ExportArgs) -> Result<()> {
+    let p = Pretrained::load(&a.model)?;
+    let adapter = lowrank::lora::peft::load(&a.adapter, &p.model)?;
+    let bytes = lowrank::lora::gguf_export::to_gguf(&adapter, &p.model.config)?;
+    lowrank::io::atomic_write(&a.output, &bytes)?;
+    println!("wrote {} ({} tensors, {:.2} MiB)", a.output.display(), 2 * adapter.modules.len(), bytes.len() as f64 / (1 << 20) as f64);
+    Ok(())
+}
+
+fn cmd_combine(a: CombineArgs) -> Result<()> {
+    let p = Pretrained::load(&a.model)?;
+    let mut loaded = Vec::new();
+    for spec in &a.adapter {
+        let (path, w) = match spec.rsplit_once('@') {
+            Some((pth, w)) => (pth, w.parse::<f32>().with_context(|| format!("bad weight in {spec:?}"))?),
+            None => (spec.as_str(), 1.0),
+        };
+        loaded.push((lowrank::lora::peft::load(path.as_ref(), &p.model)?, w));
+    }
+    let refs: Vec<(&LoraAdapter, f32)> = loaded.iter().map(|(a, w)| (a, *w)).collect();
+    let out = add_weighted(&p.model, &refs, Combination::parse(&a.combination)?)?;
+    lowrank::lora::peft::save(&out, &a.output)?;
+    println!("wrote {} (r={})", a.output.display(), out.config.r);
     Ok(())
 }
 
@@ -484,6 +667,11 @@ fn main() {
         Command::Eval(a) => cmd_eval(a),
         Command::Data { command: DataCommand::Preview(a) } => cmd_preview(a),
         Command::Generate(a) => cmd_generate(a),
+        Command::Chat(a) => cmd_chat(a),
+        Command::Merge(a) => cmd_merge(a),
+        Command::ExportGguf(a) => cmd_export_gguf(a),
+        Command::Combine(a) => cmd_combine(a),
+        Command::Inspect { path } => lowrank::inspect::inspect(&path).map(|r| print!("{r}")),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -2,6 +2,7 @@
 //! penalty, seed), stop tokens and stop strings, several prompts at once (left-padded).
 
 pub mod exact_match;
+pub mod session;
 
 use crate::model::decoder::LowRankSource;
 use crate::model::DecoderModel;

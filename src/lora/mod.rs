@@ -3,6 +3,7 @@
 pub mod adapter;
 pub mod combine;
 pub mod config;
+pub mod gguf_export;
 pub mod peft;
 
 pub use adapter::{LoraAdapter, LoraModule};

@@ -488,16 +488,25 @@ impl WeightSource for GgufWeights<'_> {
     }
 }
 
-/// Inverse of llama.cpp's q/k permutation: within each head, GGUF row 2i+j is HF row j·(hd/2)+i.
-fn unpermute_rows(data: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+/// llama.cpp's converter interleaves the two rotary halves of each q/k head: GGUF row 2i+j of a
+/// head is Hugging Face row j·(hd/2)+i. `permute_rows` goes HF → GGUF, `unpermute_rows` back.
+pub fn permute_rows(data: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+    reorder_rows(data, heads, rows, cols, true)
+}
+
+pub fn unpermute_rows(data: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+    reorder_rows(data, heads, rows, cols, false)
+}
+
+fn reorder_rows(data: &[f32], heads: usize, rows: usize, cols: usize, to_gguf: bool) -> Vec<f32> {
     let hd = rows / heads;
     let half = hd / 2;
     let mut out = vec![0.0; data.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let src = h * hd + 2 * i + j;
-                let dst = h * hd + j * half + i;
+                let (hf, gg) = (h * hd + j * half + i, h * hd + 2 * i + j);
+                let (src, dst) = if to_gguf { (hf, gg) } else { (gg, hf) };
                 out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
@@ -542,5 +551,6 @@ mod tests {
         assert!(hf_to_gguf_name("model.layers.x.foo").is_none());
         // one head of 4 rows, 1 column: GGUF order [r0, r2, r1, r3] → HF order [r0, r1, r2, r3]
         assert_eq!(unpermute_rows(&[0.0, 2.0, 1.0, 3.0], 1, 4, 1), vec![0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(permute_rows(&[0.0, 1.0, 2.0, 3.0], 1, 4, 1), vec![0.0, 2.0, 1.0, 3.0]);
     }
 }

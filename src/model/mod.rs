@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod export;
 pub mod gguf;
 pub mod quant;
 pub mod weights;

@@ -1,0 +1,60 @@
+//! Writing a decoder back out as a Hugging Face directory (config.json, model.safetensors and,
+//! when given, the tokenizer files) that transformers loads.
+
+use super::decoder::{DecoderModel, ModuleKind};
+use super::weights::serialize_f32;
+use crate::io::atomic_write;
+use crate::tokenizer::Tokenizer;
+use anyhow::Result;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Every weight under its Hugging Face name, f32, PyTorch shapes.
+pub fn hf_tensors(model: &DecoderModel) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let c = &model.config;
+    let d = c.hidden_size;
+    let mut t = BTreeMap::new();
+    t.insert("model.embed_tokens.weight".into(), (vec![c.vocab_size, d], model.embed.clone()));
+    t.insert("model.norm.weight".into(), (vec![d], model.norm.clone()));
+    if let Some(h) = &model.lm_head {
+        t.insert("lm_head.weight".into(), (vec![c.vocab_size, d], h.clone()));
+    }
+    for (l, layer) in model.layers.iter().enumerate() {
+        let p = format!("model.layers.{l}");
+        t.insert(format!("{p}.input_layernorm.weight"), (vec![d], layer.attn_norm.clone()));
+        t.insert(format!("{p}.post_attention_layernorm.weight"), (vec![d], layer.mlp_norm.clone()));
+        for kind in ModuleKind::ALL {
+            let lin = &layer.linear[kind.index()];
+            let name = format!("{p}.{}", kind.path());
+            t.insert(format!("{name}.weight"), (vec![lin.out_features, lin.in_features], lin.w.clone()));
+            if let Some(b) = &lin.bias {
+                t.insert(format!("{name}.bias"), (vec![lin.out_features], b.clone()));
+            }
+        }
+    }
+    t
+}
+
+/// Writes `dir` as a Hugging Face model directory; each file atomically.
+pub fn save_hf_dir(model: &DecoderModel, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<()> {
+    let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+    atomic_write(&dir.join("model.safetensors"), &serialize_f32(&hf_tensors(model), Some(meta))?)?;
+    atomic_write(&dir.join("config.json"), (serde_json::to_string_pretty(&model.config.to_json())? + "\n").as_bytes())?;
+    if let Some(t) = tokenizer {
+        atomic_write(&dir.join("tokenizer.json"), t.to_json()?.as_bytes())?;
+        let mut cfg = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": t.bos_token,
+            "eos_token": t.eos_token,
+            "add_bos_token": t.add_bos,
+            "model_max_length": model.config.max_position_embeddings,
+        });
+        if let Some(ct) = &t.chat_template {
+            cfg["chat_template"] = json!(ct);
+            atomic_write(&dir.join("chat_template.jinja"), ct.as_bytes())?;
+        }
+        atomic_write(&dir.join("tokenizer_config.json"), (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
+    }
+    Ok(())
+}
