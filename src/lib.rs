@@ -4,6 +4,7 @@
 //! Layers, top to bottom: `train` (optimizer, schedules), `lora` (config, adapters, PEFT files),
 //! `model` (configs, weights, architectures), `kernels` (numerics on slices).
 
+pub mod bench;
 pub mod data;
 pub mod infer;
 pub mod inspect;

@@ -46,6 +46,11 @@ enum Command {
     ExportGguf(ExportArgs),
     /// Combine adapters with PEFT's add_weighted_adapter (linear or cat).
     Combine(CombineArgs),
+    /// Benchmarks (JSON lines prefixed "RESULT "); scripts/bench.sh compares them with PEFT.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Describe a model or adapter (HF directory, PEFT directory or GGUF file).
     Inspect { path: PathBuf },
 }
@@ -157,6 +162,57 @@ struct CombineArgs {
     combination: String,
     #[arg(long)]
     output: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// LoRA training throughput on peft_bench.py's workload (its corpus file: `peft_bench.py corpus`).
+    Train {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        corpus: PathBuf,
+        #[arg(long, default_value = "q_proj,v_proj")]
+        targets: String,
+        #[arg(long, default_value_t = 8)]
+        r: usize,
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f32,
+        #[arg(long, default_value_t = 0.05)]
+        dropout: f32,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// Decode and prefill tokens/s: base, unmerged adapter, merged adapter.
+    Decode {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        #[arg(long, default_value_t = 512)]
+        prefill: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// f32 GEMM GFLOP/s.
+    Gemm {
+        #[arg(long, default_value_t = 2048)]
+        n: usize,
+        #[arg(long, default_value_t = 10)]
+        repeats: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -660,6 +716,30 @@ fn cmd_combine(a: CombineArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_bench(c: BenchCommand) -> Result<()> {
+    let results = match c {
+        BenchCommand::Train { model, corpus, targets, r, alpha, dropout, batch, seq, steps, warmup, threads } => {
+            set_threads(threads);
+            let p = Pretrained::load(&model)?;
+            vec![lowrank::bench::train(&p, &lowrank::bench::TrainBench { corpus: &corpus, targets, r, alpha, dropout, batch, seq, warmup, steps })?]
+        }
+        BenchCommand::Decode { model, adapter, new_tokens, prefill, threads } => {
+            set_threads(threads);
+            let mut p = Pretrained::load(&model)?;
+            let a = load_adapter(&p, &adapter)?;
+            lowrank::bench::decode(&mut p, a.as_ref(), new_tokens, prefill)?
+        }
+        BenchCommand::Gemm { n, repeats, threads } => {
+            set_threads(threads);
+            vec![lowrank::bench::gemm(n, repeats)]
+        }
+    };
+    for r in results {
+        println!("RESULT {r}");
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -671,6 +751,7 @@ fn main() {
         Command::Merge(a) => cmd_merge(a),
         Command::ExportGguf(a) => cmd_export_gguf(a),
         Command::Combine(a) => cmd_combine(a),
+        Command::Bench { command } => cmd_bench(command),
         Command::Inspect { path } => lowrank::inspect::inspect(&path).map(|r| print!("{r}")),
     };
     if let Err(e) = result {

@@ -273,3 +273,20 @@ fn peft_trained_smollm2_adapter_gives_peft_loss() {
         assert!((got - want).abs() <= 1e-4 * want, "{key}: lowrank {got} vs PEFT {want}");
     }
 }
+
+#[test]
+fn inspect_describes_models_and_adapters() {
+    let report = lowrank::inspect::inspect(&fixture("tiny-qwen2/peft_adapter")).unwrap();
+    assert!(report.contains("PEFT LoRA adapter") && report.contains("r=8") && report.contains("rslora=true") && report.contains("layers_to_transform=[1]"), "{report}");
+    let report = lowrank::inspect::inspect(&fixture("tiny-qwen2/model")).unwrap();
+    assert!(report.contains("Qwen2") && report.contains("123456 parameters"), "{report}");
+    let report = lowrank::inspect::inspect(smollm2()).unwrap();
+    assert!(report.contains("GGUF v3 model") && report.contains("llama.block_count = 30") && report.contains("Q4_1"), "{report}");
+    let dir = tmpdir("inspect");
+    let (model, adapter) = llama();
+    std::fs::write(dir.join("a.gguf"), lora::gguf_export::to_gguf(&adapter, &model.config).unwrap()).unwrap();
+    let report = lowrank::inspect::inspect(&dir.join("a.gguf")).unwrap();
+    assert!(report.contains("GGUF v3 adapter") && report.contains("adapter.lora.alpha = 8"), "{report}");
+    assert!(lowrank::inspect::inspect(&dir.join("missing")).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -69,6 +69,19 @@ fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 /// `out = softmax(q·kᵀ·scale + mask)·v` per head; `lse` receives each row's log-sum-exp
 /// (−∞ for a row that sees no key, whose output is zero).
 pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
+    if s.q_len >= GEMM_MIN_QUERIES {
+        forward_gemm(q, k, v, key_mask, s, out, lse)
+    } else {
+        forward_rows(q, k, v, key_mask, s, out, lse)
+    }
+}
+
+/// From this many queries on, attention runs as per-head GEMMs over a `[q_len × kv_len]` score
+/// tile; below it (decoding), row by row.
+const GEMM_MIN_QUERIES: usize = 16;
+
+/// Row-by-row forward: one query's scores at a time.
+fn forward_rows(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
     let (hd, tq, tk, ts) = (s.head_dim, s.q_len, s.kv_len, s.kv_stride);
     let g = s.group();
     assert!(tk <= ts);
@@ -132,6 +145,27 @@ pub fn attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
+    if s.q_len >= GEMM_MIN_QUERIES {
+        backward_gemm(q, k, v, key_mask, s, out, lse, dout, dq, dk, dv)
+    } else {
+        backward_rows(q, k, v, key_mask, s, out, lse, dout, dq, dk, dv)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_rows(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_mask: &[bool],
+    s: AttnShape,
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
     let (hd, tq, tk) = (s.head_dim, s.q_len, s.kv_len);
     let g = s.group();
     assert_eq!(s.kv_stride, tk, "backward runs on whole sequences, not on a cache");
@@ -174,6 +208,103 @@ pub fn attention_backward(
                         axpy(&mut dvc[j * hd..(j + 1) * hd], p, doi);
                     }
                 }
+            }
+        },
+    );
+}
+
+/// The score tile of one head: `p[i][j]` = exp(scale·q_i·k_j − lse_i) for visible keys, else 0.
+/// With `lse` = None the row maxima and log-sum-exps are computed and returned (forward).
+fn probabilities(qh: &[f32], kb: &[f32], mask: &[bool], s: &AttnShape, p: &mut [f32], lse: Option<&[f32]>, lse_out: Option<&mut [f32]>) {
+    let (hd, tq, tk) = (s.head_dim, s.q_len, s.kv_len);
+    let scale = 1.0 / (hd as f32).sqrt();
+    super::matmul(p, qh, false, kb, true, tq, tk, hd, scale, false);
+    let mut lse_out = lse_out;
+    for i in 0..tq {
+        let row = &mut p[i * tk..(i + 1) * tk];
+        let range = s.key_range(i);
+        for (j, x) in row.iter_mut().enumerate() {
+            if !range.contains(&j) || !mask[j] {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        let l = match lse {
+            Some(l) => l[i],
+            None => {
+                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                if m == f32::NEG_INFINITY {
+                    f32::NEG_INFINITY
+                } else {
+                    m + row.iter().map(|&x| (x - m).exp()).sum::<f32>().ln()
+                }
+            }
+        };
+        if let Some(o) = lse_out.as_deref_mut() {
+            o[i] = l;
+        }
+        for x in row.iter_mut() {
+            *x = if l == f32::NEG_INFINITY || *x == f32::NEG_INFINITY { 0.0 } else { (*x - l).exp() };
+        }
+    }
+}
+
+fn forward_gemm(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
+    let (hd, tq, tk, ts) = (s.head_dim, s.q_len, s.kv_len, s.kv_stride);
+    let g = s.group();
+    assert!(tk <= ts && q.len() == s.batch * s.heads * tq * hd && k.len() == s.batch * s.kv_heads * ts * hd);
+    assert!(key_mask.len() == s.batch * ts && out.len() == q.len() && lse.len() == s.batch * s.heads * tq);
+    out.par_chunks_mut(tq * hd).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (o, l))| {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        let kv = (b * s.kv_heads + h / g) * ts * hd;
+        let mut p = vec![0.0f32; tq * tk];
+        probabilities(&q[bh * tq * hd..(bh + 1) * tq * hd], &k[kv..kv + tk * hd], &key_mask[b * ts..b * ts + tk], &s, &mut p, None, Some(l));
+        super::matmul(o, &p, false, &v[kv..kv + tk * hd], false, tq, hd, tk, 1.0, false);
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_gemm(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_mask: &[bool],
+    s: AttnShape,
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (hd, tq, tk) = (s.head_dim, s.q_len, s.kv_len);
+    let g = s.group();
+    assert_eq!(s.kv_stride, tk, "backward runs on whole sequences, not on a cache");
+    assert!(dq.len() == q.len() && dk.len() == k.len() && dv.len() == v.len() && dout.len() == out.len());
+    let scale = 1.0 / (hd as f32).sqrt();
+    dq.par_chunks_mut(g * tq * hd).zip(dk.par_chunks_mut(tk * hd)).zip(dv.par_chunks_mut(tk * hd)).enumerate().for_each(
+        |(bkv, ((dqg, dkc), dvc))| {
+            let b = bkv / s.kv_heads;
+            let kb = &k[bkv * tk * hd..(bkv + 1) * tk * hd];
+            let vb = &v[bkv * tk * hd..(bkv + 1) * tk * hd];
+            let mask = &key_mask[b * tk..(b + 1) * tk];
+            let mut p = vec![0.0f32; tq * tk];
+            let mut dp = vec![0.0f32; tq * tk];
+            for gi in 0..g {
+                let bh = bkv * g + gi;
+                let rows = bh * tq * hd..(bh + 1) * tq * hd;
+                let (qh, oh, doh) = (&q[rows.clone()], &out[rows.clone()], &dout[rows]);
+                probabilities(qh, kb, mask, &s, &mut p, Some(&lse[bh * tq..(bh + 1) * tq]), None);
+                // dV += Pᵀ·dO; dP = dO·Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)); dQ = dS·K·scale; dK += dSᵀ·Q·scale
+                super::matmul(dvc, &p, true, doh, false, tk, hd, tq, 1.0, gi > 0);
+                super::matmul(&mut dp, doh, false, vb, true, tq, tk, hd, 1.0, false);
+                for i in 0..tq {
+                    let d_i = dot(&doh[i * hd..(i + 1) * hd], &oh[i * hd..(i + 1) * hd]);
+                    for (x, y) in dp[i * tk..(i + 1) * tk].iter_mut().zip(&p[i * tk..(i + 1) * tk]) {
+                        *x = y * (*x - d_i);
+                    }
+                }
+                super::matmul(&mut dqg[gi * tq * hd..(gi + 1) * tq * hd], &dp, false, kb, false, tq, hd, tk, scale, false);
+                super::matmul(dkc, &dp, true, qh, false, tk, hd, tq, scale, gi > 0);
             }
         },
     );
@@ -284,6 +415,29 @@ mod tests {
             for x in 0..16 {
                 assert!((out2[h * 16 + x] - out[(h * 6 + 4) * 8 + x]).abs() < 1e-6);
             }
+        }
+    }
+
+    /// The GEMM path (many queries) and the row path agree, forward and backward.
+    #[test]
+    fn gemm_and_row_paths_agree() {
+        for window in [None, Some(7)] {
+            let s = AttnShape { batch: 2, heads: 4, kv_heads: 2, q_len: 20, kv_len: 20, kv_stride: 20, head_dim: 16, q_offset: 0, window };
+            let mut rng = Rng::new(21);
+            let nq = 2 * 4 * 20 * 16;
+            let nk = 2 * 2 * 20 * 16;
+            let (q, k, v, d) = (randn(&mut rng, nq, 1.0), randn(&mut rng, nk, 1.0), randn(&mut rng, nk, 1.0), randn(&mut rng, nq, 1.0));
+            let m: Vec<bool> = (0..40).map(|i| i < 20 || i % 20 < 13).collect();
+            let (mut o1, mut o2, mut l1, mut l2) = (vec![0.0; nq], vec![0.0; nq], vec![0.0; 160], vec![0.0; 160]);
+            forward_rows(&q, &k, &v, &m, s, &mut o1, &mut l1);
+            forward_gemm(&q, &k, &v, &m, s, &mut o2, &mut l2);
+            let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x == y || (x - y).abs() < 1e-4);
+            assert!(close(&o1, &o2) && close(&l1, &l2));
+            let mut g1 = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+            let mut g2 = g1.clone();
+            backward_rows(&q, &k, &v, &m, s, &o1, &l1, &d, &mut g1.0, &mut g1.1, &mut g1.2);
+            backward_gemm(&q, &k, &v, &m, s, &o1, &l1, &d, &mut g2.0, &mut g2.1, &mut g2.2);
+            assert!(close(&g1.0, &g2.0) && close(&g1.1, &g2.1) && close(&g1.2, &g2.2));
         }
     }
 }

@@ -56,12 +56,18 @@ pub fn lm_head_cross_entropy(
             .zip(chunk.par_iter())
             .map(|(row, &r)| {
                 let t = targets[r].unwrap() as usize;
+                let target_logit = row[t];
                 let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let z: f64 = row.iter().map(|&v| ((v - m) as f64).exp()).sum();
-                let lse = m as f64 + z.ln();
-                let loss = lse - row[t] as f64;
+                // One exp per logit: keep exp(v - m), then scale it into the softmax gradient.
+                let mut z = 0.0f64;
                 for v in row.iter_mut() {
-                    *v = (((*v as f64) - lse).exp() as f32) * grad_scale;
+                    *v = (*v - m).exp();
+                    z += *v as f64;
+                }
+                let loss = m as f64 + z.ln() - target_logit as f64;
+                let k = (grad_scale as f64 / z) as f32;
+                for v in row.iter_mut() {
+                    *v *= k;
                 }
                 row[t] -= grad_scale;
                 loss

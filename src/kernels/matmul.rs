@@ -18,6 +18,11 @@ pub fn matmul(c: &mut [f32], a: &[f32], a_t: bool, b: &[f32], b_t: bool, m: usiz
         }
         return;
     }
+    if m <= 4 && !a_t && b_t && n >= 256 {
+        // Decoding: a few rows against a weight stored [n×k]. Streaming each weight row once through
+        // a dot product per input row is memory-bound, which is the best a GEMV can be.
+        return gemv_rows(c, a, b, m, n, k, alpha, accumulate);
+    }
     // Strides in elements: (row stride, column stride) of each operand as the product sees it.
     let (a_rs, a_cs) = if a_t { (1, m as isize) } else { (k as isize, 1) };
     let (b_rs, b_cs) = if b_t { (1, k as isize) } else { (n as isize, 1) };
@@ -50,6 +55,30 @@ pub fn matmul(c: &mut [f32], a: &[f32], a_t: bool, b: &[f32], b_t: bool, m: usiz
     }
 }
 
+/// `c[m×n] (+)= alpha · a[m×k] · b[n×k]ᵀ` for small m, parallel over blocks of b's rows.
+#[allow(clippy::too_many_arguments)]
+fn gemv_rows(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, alpha: f32, accumulate: bool) {
+    use rayon::prelude::*;
+    const BLOCK: usize = 64;
+    // Column blocks of the output are independent; compute them transposed ([n×m]) for contiguity.
+    let mut t = vec![0.0f32; n * m];
+    t.par_chunks_mut(BLOCK * m).enumerate().for_each(|(blk, dst)| {
+        for (j, d) in dst.chunks_mut(m).enumerate() {
+            let row = &b[(blk * BLOCK + j) * k..][..k];
+            for (i, v) in d.iter_mut().enumerate() {
+                *v = crate::kernels::attention::dot(&a[i * k..(i + 1) * k], row);
+            }
+        }
+    });
+    for i in 0..m {
+        for j in 0..n {
+            let v = alpha * t[j * m + i];
+            let o = &mut c[i * n + j];
+            *o = if accumulate { *o + v } else { v };
+        }
+    }
+}
+
 /// Straightforward reference used by tests.
 #[cfg(test)]
 #[allow(clippy::too_many_arguments)]
@@ -77,7 +106,7 @@ mod tests {
     #[test]
     fn all_transpose_combinations_match_naive() {
         let mut rng = Rng::new(3);
-        for &(m, n, k) in &[(1, 1, 1), (7, 5, 3), (65, 70, 67), (128, 96, 80)] {
+        for &(m, n, k) in &[(1, 1, 1), (7, 5, 3), (65, 70, 67), (128, 96, 80), (1, 300, 70), (3, 257, 33)] {
             for &(a_t, b_t) in &[(false, false), (true, false), (false, true), (true, true)] {
                 for &acc in &[false, true] {
                     let a = randn(&mut rng, m * k, 1.0);

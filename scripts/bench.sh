@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: lowrank vs Hugging Face PEFT on ../shared/tools/peft_bench.py's workload
+# (same corpus, model, LoRA config, batch, sequence length and steps), plus inference and GEMM rows.
+# Prints one table with the lowrank/PEFT ratios. Not a test: run it on an otherwise idle machine.
+#
+#   ./scripts/bench.sh                 # lowrank only, unless a PEFT venv is found
+#   PEFT_VENV=/path/to/.peft ./scripts/bench.sh
+#
+# PEFT_VENV is a directory made by ../shared/tools/setup_peft_env.sh (venv/ and models/ inside);
+# its models/smollm2-135m-hf is the f32 HF copy of the same GGUF lowrank loads.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shared=${SHARED_TOOLS:-../shared/tools}
+peft=${PEFT_VENV:-.peft}
+steps=${STEPS:-10}
+out=${BENCH_OUT:-runs/bench}
+mkdir -p "$out"
+gguf=$(./scripts/fetch_models.sh | tail -n 1)
+cargo build --release --quiet
+bin=./target/release/lowrank
+have_peft=0
+if [ -x "$peft/venv/bin/python" ] && [ -d "$peft/models/smollm2-135m-hf" ] && [ -f "$shared/peft_bench.py" ]; then have_peft=1; fi
+py=${have_peft:+$peft/venv/bin/python}
+corpus="$out/corpus.txt"
+if [ ! -s "$corpus" ]; then
+    if [ $have_peft = 1 ]; then "$py" "$shared/peft_bench.py" corpus --out "$corpus" >/dev/null; else python3 "$shared/peft_bench.py" corpus --out "$corpus" >/dev/null; fi
+fi
+results="$out/results.jsonl"
+: > "$results"
+record() { grep '^RESULT ' | sed "s/^RESULT //; s/^{/{\"workload\": \"$1\", /" >> "$results"; }
+
+workloads=("qv-r8-4x128:q_proj,v_proj:8:16:4:128" "qv-r8-4x512:q_proj,v_proj:8:16:4:512" "all-r16-4x128:all-linear:16:32:4:128")
+for w in "${workloads[@]}"; do
+    IFS=: read -r name targets r alpha batch seq <<<"$w"
+    echo "== $name: lowrank" >&2
+    $bin bench train --model "$gguf" --corpus "$corpus" --targets "$targets" --r "$r" --alpha "$alpha" \
+        --batch "$batch" --seq "$seq" --steps "$steps" --warmup 2 --threads 2 | record "$name"
+    if [ $have_peft = 1 ]; then
+        echo "== $name: PEFT" >&2
+        "$py" "$shared/peft_bench.py" train --model "$peft/models/smollm2-135m-hf" --targets "$targets" --r "$r" \
+            --alpha "$alpha" --batch "$batch" --seq "$seq" --steps "$steps" --warmup 2 --threads 2 | record "$name"
+    fi
+done
+echo "== decode/prefill: lowrank" >&2
+$bin bench train --model "$gguf" --corpus "$corpus" --steps 1 --warmup 0 --batch 1 --seq 32 >/dev/null  # (warms the page cache)
+$bin train --model "$gguf" --data data/dates/train.jsonl --output "$out/adapter-run" --max-steps 2 --batch-size 2 >/dev/null 2>&1
+$bin bench decode --model "$gguf" --adapter "$out/adapter-run/adapter" --threads 2 | record infer
+if [ $have_peft = 1 ]; then
+    echo "== decode: PEFT" >&2
+    "$py" "$shared/peft_bench.py" infer --model "$peft/models/smollm2-135m-hf" --adapter "$out/adapter-run/adapter" --threads 2 | record infer
+fi
+echo "== sgemm" >&2
+$bin bench gemm --threads 2 | record sgemm
+if [ $have_peft = 1 ]; then "$py" "$shared/peft_bench.py" sgemm --threads 2 | record sgemm; fi
+
+python3 - "$results" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def fmt(x, d=1):
+    return "-" if x is None else f"{x:.{d}f}"
+print(f"\n{'workload':16} {'impl':8} {'tok/s':>8} {'s/step':>7} {'peak RSS MiB':>12} {'GFLOP/s':>8}")
+train = [r for r in rows if r.get("bench") == "train"]
+for w in dict.fromkeys(r["workload"] for r in train):
+    lr = next((r for r in train if r["workload"] == w and r.get("impl") == "lowrank"), None)
+    pf = next((r for r in train if r["workload"] == w and r.get("impl") != "lowrank"), None)
+    for name, r in (("lowrank", lr), ("PEFT", pf)):
+        if r:
+            print(f"{w:16} {name:8} {fmt(r['tok_per_s_median'])!s:>8} {fmt(r['step_s_median'], 2):>7} {fmt(r['peak_rss_mib'], 0):>12} {fmt(r.get('model_gflops_per_s')):>8}")
+    if lr and pf:
+        print(f"{w:16} {'ratio':8} {lr['tok_per_s_median'] / pf['tok_per_s_median']:>7.2f}x {'':>7} {lr['peak_rss_mib'] / pf['peak_rss_mib']:>11.2f}x")
+print(f"\n{'inference':16} {'impl':8} {'decode tok/s':>12} {'prefill tok/s':>13}")
+for r in rows:
+    if r.get("bench") == "infer":
+        impl = "lowrank" if r.get("impl") == "lowrank" else "PEFT"
+        print(f"{r['variant']:16} {impl:8} {fmt(r.get('decode_tok_per_s')):>12} {fmt(r.get('prefill_tok_per_s')):>13}")
+for r in rows:
+    if r.get("bench") == "sgemm":
+        if r.get("impl", "").startswith("lowrank"):
+            print(f"\nsgemm lowrank: {r['median_gflops']:.1f} GFLOP/s (2048³), {r['gflops_512x576x1536']:.1f} (512×576×1536)")
+        else:
+            print(f"sgemm torch: {r['torch_median_gflops']:.1f} GFLOP/s (2048³), {r['torch_512x576x1536_gflops']:.1f} (512×576×1536); numpy {r['numpy_median_gflops']:.1f}")
+PY

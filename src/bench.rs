@@ -1,0 +1,173 @@
+//! Benchmarks behind `lowrank bench`: the training workload of ../shared/tools/peft_bench.py
+//! (same corpus, LoRA config, batch, sequence length, FLOP accounting), decode and prefill speed,
+//! and a GEMM micro-benchmark. Results are JSON lines prefixed "RESULT " like peft_bench's.
+
+use crate::data::{to_batch, Sequence};
+use crate::kernels::matmul;
+use crate::lora::combine::{merge, unmerge};
+use crate::lora::{LoraAdapter, LoraConfig, TargetModules};
+use crate::model::decoder::{LowRankSource, NoAdapter};
+use crate::model::DecoderModel;
+use crate::pretrained::Pretrained;
+use crate::rng::Rng;
+use crate::train::AdamW;
+use anyhow::{bail, Result};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Instant;
+
+/// Peak resident set size of this process so far (VmHWM), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// peft_bench.py's FLOPs per training token of LoRA on a frozen Llama-style decoder.
+pub fn flops_per_token(m: &DecoderModel, seq: usize, n_lora: usize) -> f64 {
+    let c = &m.config;
+    let (h, l, i, nh, nkv, hd) = (c.hidden_size, c.num_layers, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim);
+    let per_layer = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 3 * h * i;
+    let n_mm = (l * per_layer + h * c.vocab_size) as f64;
+    let attn = (4 * l * seq * nh * hd) as f64;
+    let fwd = 2.0 * n_mm + attn + 2.0 * n_lora as f64;
+    let bwd = 2.0 * n_mm + 2.0 * attn + 4.0 * n_lora as f64;
+    fwd + bwd
+}
+
+pub struct TrainBench<'a> {
+    pub corpus: &'a Path,
+    pub targets: String,
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub batch: usize,
+    pub seq: usize,
+    pub warmup: usize,
+    pub steps: usize,
+}
+
+/// LoRA training throughput on fixed-length blocks of the corpus (labels = inputs).
+pub fn train(p: &Pretrained, b: &TrainBench) -> Result<Value> {
+    let text = std::fs::read_to_string(b.corpus)?;
+    let eos = p.tokenizer.eos_id.unwrap_or(0);
+    let need = (b.warmup + b.steps) * b.batch;
+    let mut ids: Vec<u32> = Vec::new();
+    let mut blocks: Vec<Sequence> = Vec::new();
+    for doc in text.split("\n\n") {
+        ids.extend(p.tokenizer.encode(doc, false)?);
+        ids.push(eos);
+        while ids.len() >= b.seq && blocks.len() < need {
+            let rest = ids.split_off(b.seq);
+            blocks.push(Sequence { train: vec![true; b.seq], ids: std::mem::replace(&mut ids, rest) });
+        }
+        if blocks.len() >= need {
+            break;
+        }
+    }
+    if blocks.is_empty() {
+        bail!("corpus too small for one block of {} tokens", b.seq);
+    }
+    while blocks.len() < need {
+        blocks.push(blocks[blocks.len() % blocks.len().max(1)].clone());
+    }
+    let cfg = LoraConfig { r: b.r, lora_alpha: b.alpha, lora_dropout: b.dropout, target_modules: TargetModules::parse(&b.targets), ..Default::default() };
+    let mut adapter = LoraAdapter::new(cfg, &p.model, 0)?;
+    let mut opt = AdamW::new(adapter.num_params(), 0.9, 0.999, 1e-8, 0.0);
+    let mut grads = vec![0.0; adapter.num_params()];
+    let mut rng = Rng::new(1);
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for step in 0..b.warmup + b.steps {
+        let (batch, targets) = to_batch(&blocks[step * b.batch..(step + 1) * b.batch], eos);
+        let n = targets.iter().flatten().count() as f32;
+        let t = Instant::now();
+        grads.fill(0.0);
+        let loss = p.model.loss_and_grads(&batch, &targets, &adapter, &mut grads, 1.0 / n, Some(&mut rng))?;
+        opt.update(&mut adapter.params, &grads, 2e-4);
+        if step >= b.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        losses.push(loss.mean());
+    }
+    let med = median(&mut times.clone());
+    let tok_s = (b.batch * b.seq) as f64 / med;
+    let flops = flops_per_token(&p.model, b.seq, adapter.num_params());
+    Ok(json!({
+        "bench": "train", "impl": "lowrank", "targets": b.targets, "r": b.r, "alpha": b.alpha, "dropout": b.dropout,
+        "batch": b.batch, "seq": b.seq, "steps": b.steps, "warmup": b.warmup, "threads": rayon::current_num_threads(),
+        "params_lora": adapter.num_params(), "step_s_median": med, "tok_per_s_median": tok_s,
+        "model_gflops_per_s": flops * tok_s / 1e9, "loss_first": losses[0], "loss_last": losses[losses.len() - 1],
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
+/// Decode tokens/s after a prompt, and prefill tokens/s, for one adapter source.
+fn decode_speed(model: &DecoderModel, ad: &dyn LowRankSource, prompt: &[u32], new_tokens: usize) -> Result<(f64, f64)> {
+    let mut cache = model.new_cache(1, prompt.len() + new_tokens + 1);
+    let t = Instant::now();
+    let mut logits = model.forward_step(prompt, &vec![true; prompt.len()], &mut cache, ad)?;
+    let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..new_tokens {
+        let next = logits.iter().enumerate().fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0 as u32;
+        logits = model.forward_step(&[next], &[true], &mut cache, ad)?;
+    }
+    Ok((new_tokens as f64 / t.elapsed().as_secs_f64(), prefill))
+}
+
+/// Decode speed (tg) for base, unmerged and merged adapter, and prefill speed (pp) at `prefill` tokens.
+pub fn decode(p: &mut Pretrained, adapter: Option<&LoraAdapter>, new_tokens: usize, prefill: usize) -> Result<Vec<Value>> {
+    let prompt = p.tokenizer.encode("<|im_start|>user\nExplain in a few sentences what a hash table is.<|im_end|>\n<|im_start|>assistant\n", false)?;
+    let long: Vec<u32> = (0..prefill).map(|i| prompt[i % prompt.len()]).collect();
+    let mut out = Vec::new();
+    let row = |variant: &str, (tg, _): (f64, f64), pp: f64| {
+        json!({"bench": "infer", "impl": "lowrank", "variant": variant, "threads": rayon::current_num_threads(),
+               "new_tokens": new_tokens, "decode_tok_per_s": tg, "prefill_tokens": prefill, "prefill_tok_per_s": pp,
+               "peak_rss_mib": peak_rss_mib()})
+    };
+    decode_speed(&p.model, &NoAdapter, &prompt, 4)?; // warm-up
+    let base = decode_speed(&p.model, &NoAdapter, &prompt, new_tokens)?;
+    let pp = decode_speed(&p.model, &NoAdapter, &long, 0)?.1;
+    out.push(row("base", base, pp));
+    if let Some(a) = adapter {
+        let unmerged = decode_speed(&p.model, a, &prompt, new_tokens)?;
+        let pp = decode_speed(&p.model, a, &long, 0)?.1;
+        out.push(row("lora_unmerged", unmerged, pp));
+        merge(&mut p.model, a, 1.0);
+        let merged = decode_speed(&p.model, &NoAdapter, &prompt, new_tokens)?;
+        let pp = decode_speed(&p.model, &NoAdapter, &long, 0)?.1;
+        unmerge(&mut p.model, a, 1.0);
+        out.push(row("lora_merged", merged, pp));
+    }
+    Ok(out)
+}
+
+/// f32 GEMM GFLOP/s: square n×n, and the 512×576×1536 shape of a LoRA training step.
+pub fn gemm(n: usize, repeats: usize) -> Value {
+    let mut rng = Rng::new(0);
+    let mut run = |m: usize, k: usize, nn: usize| {
+        let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+        let b: Vec<f32> = (0..k * nn).map(|_| rng.normal()).collect();
+        let mut c = vec![0.0; m * nn];
+        matmul(&mut c, &a, false, &b, false, m, nn, k, 1.0, false);
+        let mut ts: Vec<f64> = (0..repeats.max(3))
+            .map(|_| {
+                let t = Instant::now();
+                matmul(&mut c, &a, false, &b, false, m, nn, k, 1.0, false);
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        2.0 * (m * k * nn) as f64 / median(&mut ts) / 1e9
+    };
+    let square = run(n, n, n);
+    let step_shape = run(512, 576, 1536);
+    json!({"bench": "sgemm", "impl": "lowrank (gemm crate)", "n": n, "threads": rayon::current_num_threads(),
+           "median_gflops": square, "gflops_512x576x1536": step_shape})
+}
