@@ -77,7 +77,13 @@ pub fn train(p: &Pretrained, b: &TrainBench) -> Result<Value> {
     while blocks.len() < need {
         blocks.push(blocks[blocks.len() % blocks.len().max(1)].clone());
     }
-    let cfg = LoraConfig { r: b.r, lora_alpha: b.alpha, lora_dropout: b.dropout, target_modules: TargetModules::parse(&b.targets), ..Default::default() };
+    let cfg = LoraConfig {
+        r: b.r,
+        lora_alpha: b.alpha,
+        lora_dropout: b.dropout,
+        target_modules: TargetModules::parse(&b.targets),
+        ..Default::default()
+    };
     let mut adapter = LoraAdapter::new(cfg, &p.model, 0)?;
     let mut opt = AdamW::new(adapter.num_params(), 0.9, 0.999, 1e-8, 0.0);
     let mut grads = vec![0.0; adapter.num_params()];
@@ -101,7 +107,7 @@ pub fn train(p: &Pretrained, b: &TrainBench) -> Result<Value> {
     let flops = flops_per_token(&p.model, b.seq, adapter.num_params());
     Ok(json!({
         "bench": "train", "impl": "lowrank", "targets": b.targets, "r": b.r, "alpha": b.alpha, "dropout": b.dropout,
-        "batch": b.batch, "seq": b.seq, "steps": b.steps, "warmup": b.warmup, "threads": rayon::current_num_threads(),
+        "batch": b.batch, "seq": b.seq, "gradient_checkpointing": p.model.gradient_checkpointing, "steps": b.steps, "warmup": b.warmup, "threads": rayon::current_num_threads(),
         "params_lora": adapter.num_params(), "step_s_median": med, "tok_per_s_median": tok_s,
         "model_gflops_per_s": flops * tok_s / 1e9, "loss_first": losses[0], "loss_last": losses[losses.len() - 1],
         "peak_rss_mib": peak_rss_mib(),
@@ -124,7 +130,9 @@ fn decode_speed(model: &DecoderModel, ad: &dyn LowRankSource, prompt: &[u32], ne
 
 /// Decode speed (tg) for base, unmerged and merged adapter, and prefill speed (pp) at `prefill` tokens.
 pub fn decode(p: &mut Pretrained, adapter: Option<&LoraAdapter>, new_tokens: usize, prefill: usize) -> Result<Vec<Value>> {
-    let prompt = p.tokenizer.encode("<|im_start|>user\nExplain in a few sentences what a hash table is.<|im_end|>\n<|im_start|>assistant\n", false)?;
+    let prompt = p
+        .tokenizer
+        .encode("<|im_start|>user\nExplain in a few sentences what a hash table is.<|im_end|>\n<|im_start|>assistant\n", false)?;
     let long: Vec<u32> = (0..prefill).map(|i| prompt[i % prompt.len()]).collect();
     let mut out = Vec::new();
     let row = |variant: &str, (tg, _): (f64, f64), pp: f64| {

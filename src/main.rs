@@ -190,6 +190,8 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        #[arg(long)]
+        gradient_checkpointing: bool,
     },
     /// Decode and prefill tokens/s: base, unmerged adapter, merged adapter.
     Decode {
@@ -316,6 +318,9 @@ struct TrainArgs {
     /// Continue from a checkpoint directory (…/checkpoints/step-N).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Recompute each layer in the backward pass instead of keeping its activations.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    gradient_checkpointing: Option<bool>,
 }
 
 impl TrainArgs {
@@ -365,6 +370,7 @@ impl TrainArgs {
             seed: pick!(seed),
             threads: pick!(threads),
             resume: self.resume.or(file.resume),
+            gradient_checkpointing: pick!(gradient_checkpointing),
         };
         Ok(cfg)
     }
@@ -718,10 +724,14 @@ fn cmd_combine(a: CombineArgs) -> Result<()> {
 
 fn cmd_bench(c: BenchCommand) -> Result<()> {
     let results = match c {
-        BenchCommand::Train { model, corpus, targets, r, alpha, dropout, batch, seq, steps, warmup, threads } => {
+        BenchCommand::Train { model, corpus, targets, r, alpha, dropout, batch, seq, steps, warmup, threads, gradient_checkpointing } => {
             set_threads(threads);
-            let p = Pretrained::load(&model)?;
-            vec![lowrank::bench::train(&p, &lowrank::bench::TrainBench { corpus: &corpus, targets, r, alpha, dropout, batch, seq, warmup, steps })?]
+            let mut p = Pretrained::load(&model)?;
+            p.model.gradient_checkpointing = gradient_checkpointing;
+            vec![lowrank::bench::train(
+                &p,
+                &lowrank::bench::TrainBench { corpus: &corpus, targets, r, alpha, dropout, batch, seq, warmup, steps },
+            )?]
         }
         BenchCommand::Decode { model, adapter, new_tokens, prefill, threads } => {
             set_threads(threads);

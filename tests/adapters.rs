@@ -277,7 +277,13 @@ fn peft_trained_smollm2_adapter_gives_peft_loss() {
 #[test]
 fn inspect_describes_models_and_adapters() {
     let report = lowrank::inspect::inspect(&fixture("tiny-qwen2/peft_adapter")).unwrap();
-    assert!(report.contains("PEFT LoRA adapter") && report.contains("r=8") && report.contains("rslora=true") && report.contains("layers_to_transform=[1]"), "{report}");
+    assert!(
+        report.contains("PEFT LoRA adapter")
+            && report.contains("r=8")
+            && report.contains("rslora=true")
+            && report.contains("layers_to_transform=[1]"),
+        "{report}"
+    );
     let report = lowrank::inspect::inspect(&fixture("tiny-qwen2/model")).unwrap();
     assert!(report.contains("Qwen2") && report.contains("123456 parameters"), "{report}");
     let report = lowrank::inspect::inspect(smollm2()).unwrap();

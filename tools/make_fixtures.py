@@ -44,7 +44,7 @@ CASES = {
                   rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 2},
                   task_type="CAUSAL_LM"),
         train=dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, schedule="linear",
-                   warmup_steps=1, total_steps=5, max_grad_norm=0.05, steps=3),
+                   warmup_steps=1, total_steps=5, max_grad_norm=1.0, steps=3),
     ),
     "tiny-qwen2": dict(
         seed=4321,

@@ -257,7 +257,15 @@ fn forward_gemm(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape
         let (b, h) = (bh / s.heads, bh % s.heads);
         let kv = (b * s.kv_heads + h / g) * ts * hd;
         let mut p = vec![0.0f32; tq * tk];
-        probabilities(&q[bh * tq * hd..(bh + 1) * tq * hd], &k[kv..kv + tk * hd], &key_mask[b * ts..b * ts + tk], &s, &mut p, None, Some(l));
+        probabilities(
+            &q[bh * tq * hd..(bh + 1) * tq * hd],
+            &k[kv..kv + tk * hd],
+            &key_mask[b * ts..b * ts + tk],
+            &s,
+            &mut p,
+            None,
+            Some(l),
+        );
         super::matmul(o, &p, false, &v[kv..kv + tk * hd], false, tq, hd, tk, 1.0, false);
     });
 }

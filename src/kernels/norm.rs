@@ -17,6 +17,16 @@ pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut
     });
 }
 
+/// y = w ⊙ x · rstd with the per-row `rstd` a forward pass stored (recomputes its output).
+pub fn rmsnorm_apply(x: &[f32], w: &[f32], rstd: &[f32], y: &mut [f32]) {
+    let dim = w.len();
+    y.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(rstd.par_iter()).for_each(|((yr, xr), &r)| {
+        for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
+            *yv = wv * (xv * r);
+        }
+    });
+}
+
 /// Adds dL/dx to `dx` given dL/dy. The weight is frozen, so no weight gradient is formed.
 /// With g = w ⊙ dy: dx = r·g − x·r³·mean(g ⊙ x).
 pub fn rmsnorm_backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut [f32]) {
@@ -48,6 +58,9 @@ mod tests {
         let mut y = vec![0.0; rows * dim];
         let mut rstd = vec![0.0; rows];
         rmsnorm_forward(&x, &w, 1e-5, &mut y, &mut rstd);
+        let mut again = vec![0.0; rows * dim];
+        rmsnorm_apply(&x, &w, &rstd, &mut again);
+        assert_eq!(again, y);
         let ms: f32 = x[..dim].iter().map(|v| v * v).sum::<f32>() / dim as f32;
         assert!((y[3] - w[3] * x[3] / (ms + 1e-5).sqrt()).abs() < 1e-5);
 

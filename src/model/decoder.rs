@@ -8,7 +8,7 @@ use super::config::DecoderConfig;
 use super::weights::{TensorStore, WeightSource};
 use crate::kernels::attention::{attention_backward, attention_forward, AttnShape};
 use crate::kernels::loss::{lm_head_cross_entropy, LossSum};
-use crate::kernels::norm::{rmsnorm_backward, rmsnorm_forward};
+use crate::kernels::norm::{rmsnorm_apply, rmsnorm_backward, rmsnorm_forward};
 use crate::kernels::rope::{from_heads, inverse_frequencies, to_heads, HeadLayout, RopeAngles};
 use crate::kernels::{activations, matmul};
 use crate::rng::Rng;
@@ -121,6 +121,16 @@ pub struct DecoderModel {
     /// `None` when the head is tied to the embedding matrix.
     pub lm_head: Option<Vec<f32>>,
     inv_freq: Vec<f32>,
+    /// Keep only each layer's input during the forward pass and recompute the layer right before
+    /// its backward (gradient checkpointing): far less memory for one extra forward pass.
+    pub gradient_checkpointing: bool,
+}
+
+/// What the forward pass keeps of a layer for the backward pass.
+enum Kept {
+    All(Box<LayerActs>),
+    /// Gradient checkpointing: the layer's input and the dropout RNG state it started from.
+    Input(Vec<f32>, Option<[u64; 4]>),
 }
 
 /// A batch of token sequences of equal (padded) length, with a mask of real tokens.
@@ -207,22 +217,20 @@ impl KvCache {
 }
 
 /// Everything one layer's backward reads. Head-major tensors are `[batch, heads, seq, head_dim]`.
+/// Cheap elementwise results (normed inputs, the SwiGLU output, the token-major attention
+/// output) are recomputed in the backward pass instead of being kept.
 struct LayerActs {
     x_in: Vec<f32>,
     rstd1: Vec<f32>,
-    xn1: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
     attn: Vec<f32>,
     lse: Vec<f32>,
-    attn_tokens: Vec<f32>,
     h2: Vec<f32>,
     rstd2: Vec<f32>,
-    xn2: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    act: Vec<f32>,
     lowrank: Vec<Option<LowRankActs>>,
 }
 
@@ -339,6 +347,7 @@ impl DecoderModel {
             layers,
             lm_head,
             inv_freq,
+            gradient_checkpointing: false,
             config,
         })
     }
@@ -378,6 +387,7 @@ impl DecoderModel {
             lm_head: (!c.tie_word_embeddings).then(|| randn(c.vocab_size * d, 0.08, 0.0)),
             layers,
             inv_freq: inverse_frequencies(c.head_dim, c.rope_theta, &c.rope_scaling),
+            gradient_checkpointing: false,
             config,
         }
     }
@@ -521,7 +531,7 @@ impl DecoderModel {
         for (hv, mv) in h.iter_mut().zip(&m) {
             *hv += mv;
         }
-        LayerActs { x_in, rstd1, xn1, q, k, v, attn, lse, attn_tokens, h2, rstd2, xn2, gate, up, act, lowrank }
+        LayerActs { x_in, rstd1, q, k, v, attn, lse, h2, rstd2, gate, up, lowrank }
     }
 
     /// One layer backward. On entry `dh` is dL/d(layer output); on return dL/d(layer input)
@@ -544,6 +554,10 @@ impl DecoderModel {
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
         let lin = |k: ModuleKind| &layer.linear[k.index()];
         let lra = |k: ModuleKind| a.lowrank[k.index()].as_ref();
+        let mut xn2 = vec![0.0; n * d];
+        rmsnorm_apply(&a.h2, &layer.mlp_norm, &a.rstd2, &mut xn2);
+        let mut act = vec![0.0; n * inter];
+        activations::swiglu_forward(&a.gate, &a.up, &mut act);
 
         // MLP: h3 = h2 + down(swiglu(gate(xn2), up(xn2))), xn2 = rmsnorm(h2)
         let mut dact = vec![0.0; n * inter];
@@ -551,7 +565,7 @@ impl DecoderModel {
             lin(ModuleKind::Down),
             ad.lookup(l, ModuleKind::Down),
             lra(ModuleKind::Down),
-            &a.act,
+            &act,
             dh,
             n,
             grads,
@@ -565,7 +579,7 @@ impl DecoderModel {
             lin(ModuleKind::Gate),
             ad.lookup(l, ModuleKind::Gate),
             lra(ModuleKind::Gate),
-            &a.xn2,
+            &xn2,
             &dgate,
             n,
             grads,
@@ -576,7 +590,7 @@ impl DecoderModel {
             lin(ModuleKind::Up),
             ad.lookup(l, ModuleKind::Up),
             lra(ModuleKind::Up),
-            &a.xn2,
+            &xn2,
             &dup,
             n,
             grads,
@@ -586,19 +600,21 @@ impl DecoderModel {
         rmsnorm_backward(&dxn2, &a.h2, &layer.mlp_norm, &a.rstd2, dh);
 
         // Attention: h2 = x + o_proj(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))), xn1 = rmsnorm(x)
+        let (ql, kl) = (ctx.layout(c.num_heads), ctx.layout(c.num_kv_heads));
+        let mut attn_tokens = vec![0.0; n * qd];
+        from_heads(&a.attn, &mut attn_tokens, ql, None);
         let mut dattn_tok = vec![0.0; n * qd];
         linear_backward(
             lin(ModuleKind::O),
             ad.lookup(l, ModuleKind::O),
             lra(ModuleKind::O),
-            &a.attn_tokens,
+            &attn_tokens,
             dh,
             n,
             grads,
             Some(&mut dattn_tok),
             false,
         );
-        let (ql, kl) = (ctx.layout(c.num_heads), ctx.layout(c.num_kv_heads));
         let mut dattn = vec![0.0; n * qd];
         to_heads(&dattn_tok, &mut dattn, ql, None);
         let (mut dq, mut dk, mut dv) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
@@ -607,10 +623,12 @@ impl DecoderModel {
         from_heads(&dq, &mut dq_tok, ql, Some(&ctx.angles));
         from_heads(&dk, &mut dk_tok, kl, Some(&ctx.angles));
         from_heads(&dv, &mut dv_tok, kl, None);
+        let mut xn1 = vec![0.0; n * d];
+        rmsnorm_apply(&a.x_in, &layer.attn_norm, &a.rstd1, &mut xn1);
         let mut dxn1 = if need_input_grad { vec![0.0; n * d] } else { Vec::new() };
         for (i, (kind, dy)) in [(ModuleKind::Q, &dq_tok), (ModuleKind::K, &dk_tok), (ModuleKind::V, &dv_tok)].into_iter().enumerate() {
             let dx = if need_input_grad { Some(dxn1.as_mut_slice()) } else { None };
-            linear_backward(lin(kind), ad.lookup(l, kind), lra(kind), &a.xn1, dy, n, grads, dx, i > 0);
+            linear_backward(lin(kind), ad.lookup(l, kind), lra(kind), &xn1, dy, n, grads, dx, i > 0);
         }
         if need_input_grad {
             rmsnorm_backward(&dxn1, &a.x_in, &layer.attn_norm, &a.rstd1, dh);
@@ -625,14 +643,15 @@ impl DecoderModel {
         ad: &dyn LowRankSource,
         mut rng: Option<&mut Rng>,
         keep_from: usize,
-    ) -> (Vec<f32>, Vec<LayerActs>, Vec<f32>, Vec<f32>, StepCtx<'a>) {
+    ) -> (Vec<f32>, Vec<Kept>, Vec<f32>, Vec<f32>, StepCtx<'a>) {
         let ctx = self.batch_ctx(batch);
         let mut h = self.embed_tokens(&batch.tokens);
         let mut kept = Vec::new();
         for l in 0..self.config.num_layers {
+            let input = (l >= keep_from && self.gradient_checkpointing).then(|| Kept::Input(h.clone(), rng.as_deref().map(Rng::state)));
             let acts = self.layer_forward(l, &mut h, &ctx, ad, rng.as_deref_mut(), None);
             if l >= keep_from {
-                kept.push(acts);
+                kept.push(input.unwrap_or_else(|| Kept::All(Box::new(acts))));
             }
         }
         let n = batch.tokens.len();
@@ -737,9 +756,17 @@ impl DecoderModel {
         let loss = lm_head_cross_entropy(&xf, self.head(), c.hidden_size, targets, grad_scale, Some(&mut dxf));
         let mut dh = vec![0.0; n * c.hidden_size];
         rmsnorm_backward(&dxf, &h_last, &self.norm, &rstd, &mut dh);
-        for (i, a) in acts.iter().enumerate().rev() {
+        for (i, kept) in acts.into_iter().enumerate().rev() {
             let l = lowest + i;
-            self.layer_backward(l, a, &mut dh, &ctx, ad, grads, l > lowest);
+            let a = match kept {
+                Kept::All(a) => *a,
+                Kept::Input(mut h, state) => {
+                    // Replays the layer exactly, dropout masks included.
+                    let mut r = state.map(Rng::from_state);
+                    self.layer_forward(l, &mut h, &ctx, ad, r.as_mut(), None)
+                }
+            };
+            self.layer_backward(l, &a, &mut dh, &ctx, ad, grads, l > lowest);
         }
         Ok(loss)
     }
@@ -820,5 +847,28 @@ mod tests {
             assert!(close(&logits[v..], 5 + step), "decode step {step}, padded row");
         }
         assert!(model.forward_step(&[1, 1, 1, 1], &[true; 4], &mut cache, &adapter).is_err(), "capacity is enforced");
+    }
+
+    /// Gradient checkpointing recomputes layers (with the same dropout masks) and gives the
+    /// same loss and adapter gradients, so the adapter still trains.
+    #[test]
+    fn gradient_checkpointing_gives_the_same_gradients() {
+        let mut model = DecoderModel::random(tiny("qwen2", None), 8);
+        let cfg = LoraConfig { target_modules: TargetModules::AllLinear, r: 4, lora_dropout: 0.1, ..Default::default() };
+        let mut adapter = LoraAdapter::new(cfg, &model, 3).unwrap();
+        adapter.params.iter_mut().enumerate().for_each(|(i, p)| *p += 0.01 * (i % 9) as f32);
+        let batch = Batch::right_padded(&[vec![1, 5, 9, 14, 3, 7], vec![2, 8, 11]], 0).unwrap();
+        let targets: Vec<Option<u32>> = (0..12).map(|i| if batch.mask[i] { Some((i * 7 % 50) as u32) } else { None }).collect();
+        let run = |m: &DecoderModel| {
+            let mut g = vec![0.0; adapter.num_params()];
+            let l = m.loss_and_grads(&batch, &targets, &adapter, &mut g, 0.1, Some(&mut Rng::new(4))).unwrap();
+            (l.sum, g)
+        };
+        let plain = run(&model);
+        model.gradient_checkpointing = true;
+        let ckpt = run(&model);
+        assert_eq!(plain.0, ckpt.0);
+        assert!(plain.1.iter().any(|&g| g != 0.0));
+        assert_eq!(plain.1, ckpt.1);
     }
 }

@@ -51,6 +51,7 @@ pub struct TrainConfig {
     pub seed: u64,
     pub threads: usize,
     pub resume: Option<PathBuf>,
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -86,6 +87,7 @@ impl Default for TrainConfig {
             seed: 42,
             threads: 0,
             resume: None,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -255,7 +257,8 @@ pub fn evaluate(model: &DecoderModel, ad: &dyn LowRankSource, seqs: &[Sequence],
 pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) -> Result<TrainSummary> {
     cfg.validate()?;
     let started = Instant::now();
-    let p = Pretrained::load(&cfg.model)?;
+    let mut p = Pretrained::load(&cfg.model)?;
+    p.model.gradient_checkpointing = cfg.gradient_checkpointing;
     let data = prepare_data(cfg, &p)?;
     let s = &data.train_stats;
     progress.message(&format!(
