@@ -6,7 +6,7 @@ const CHUNK: usize = 4096;
 
 #[inline]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + super::fastexp::exp(-x))
 }
 
 pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {

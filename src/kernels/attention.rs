@@ -214,7 +214,9 @@ fn backward_rows(
 }
 
 /// The score tile of one head: `p[i][j]` = exp(scale·q_i·k_j − lse_i) for visible keys, else 0.
-/// With `lse` = None the row maxima and log-sum-exps are computed and returned (forward).
+/// With `lse` = None each row is normalized by its own sum and its log-sum-exp is written to
+/// `lse_out` (forward); with the stored `lse` the forward's probabilities are recomputed (backward).
+/// Only each row's causal window is exponentiated.
 fn probabilities(qh: &[f32], kb: &[f32], mask: &[bool], s: &AttnShape, p: &mut [f32], lse: Option<&[f32]>, lse_out: Option<&mut [f32]>) {
     let (hd, tq, tk) = (s.head_dim, s.q_len, s.kv_len);
     let scale = 1.0 / (hd as f32).sqrt();
@@ -223,27 +225,41 @@ fn probabilities(qh: &[f32], kb: &[f32], mask: &[bool], s: &AttnShape, p: &mut [
     for i in 0..tq {
         let row = &mut p[i * tk..(i + 1) * tk];
         let range = s.key_range(i);
-        for (j, x) in row.iter_mut().enumerate() {
-            if !range.contains(&j) || !mask[j] {
-                *x = f32::NEG_INFINITY;
-            }
+        row[..range.start].fill(0.0);
+        row[range.end..].fill(0.0);
+        let vis = &mut row[range.clone()];
+        let keys = &mask[range];
+        let padded = keys.iter().any(|&m| !m);
+        if padded {
+            vis.iter_mut().zip(keys).filter(|(_, &m)| !m).for_each(|(x, _)| *x = f32::NEG_INFINITY);
         }
         let l = match lse {
-            Some(l) => l[i],
+            Some(l) => {
+                if l[i] != f32::NEG_INFINITY {
+                    super::fastexp::exp_shifted_sum(vis, l[i]);
+                }
+                l[i]
+            }
             None => {
-                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let m = vis.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 if m == f32::NEG_INFINITY {
-                    f32::NEG_INFINITY
+                    m
                 } else {
-                    m + row.iter().map(|&x| (x - m).exp()).sum::<f32>().ln()
+                    let z = super::fastexp::exp_shifted_sum(vis, m);
+                    let inv = (1.0 / z) as f32;
+                    vis.iter_mut().for_each(|x| *x *= inv);
+                    m + (z as f32).ln()
                 }
             }
         };
         if let Some(o) = lse_out.as_deref_mut() {
             o[i] = l;
         }
-        for x in row.iter_mut() {
-            *x = if l == f32::NEG_INFINITY || *x == f32::NEG_INFINITY { 0.0 } else { (*x - l).exp() };
+        if l == f32::NEG_INFINITY {
+            vis.fill(0.0);
+        } else if padded {
+            // Padding keys had −∞ scores (≈1e-38 after the clamped exp): make them exactly 0.
+            vis.iter_mut().zip(keys).filter(|(_, &m)| !m).for_each(|(x, _)| *x = 0.0);
         }
     }
 }
