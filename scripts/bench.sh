@@ -41,6 +41,9 @@ for w in "${workloads[@]}"; do
             --alpha "$alpha" --batch "$batch" --seq "$seq" --steps "$steps" --warmup 2 --threads 2 | record "$name"
     fi
 done
+echo "== qv-r8-4x512 with --gradient-checkpointing: lowrank" >&2
+$bin bench train --model "$gguf" --corpus "$corpus" --targets q_proj,v_proj --r 8 --alpha 16 --batch 4 --seq 512 \
+    --steps "$steps" --warmup 2 --threads 2 --gradient-checkpointing | record qv-r8-4x512-ckpt
 echo "== decode/prefill: lowrank" >&2
 $bin bench train --model "$gguf" --corpus "$corpus" --steps 1 --warmup 0 --batch 1 --seq 32 >/dev/null  # (warms the page cache)
 $bin train --model "$gguf" --data data/dates/train.jsonl --output "$out/adapter-run" --max-steps 2 --batch-size 2 >/dev/null 2>&1
