@@ -224,3 +224,25 @@ fn toml_config_with_flags_overriding_it() {
     assert!(code == 1 && err.contains("rnak"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn data_preview_marks_masked_tokens_and_eval_reports_json() {
+    let dir = tmpdir("preview");
+    let data = write(&dir, "d.jsonl", "{\"prompt\": \"Q: 2+2?\\nA:\", \"completion\": \" 4\"}\n");
+    let model = smollm2().to_str().unwrap().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_lowrank"))
+        .args(["data", "preview", "--model", &model, "--data", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("[Q]|[:]|") && text.contains("[A]|[:]| |4|<|im_end|>|") && text.contains("3 trained"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_lowrank"))
+        .args(["eval", "--model", &model, "--data", data.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tokens"], 3);
+    assert!(v["loss"].as_f64().unwrap() > 0.0 && (v["perplexity"].as_f64().unwrap() - v["loss"].as_f64().unwrap().exp()).abs() < 1e-9);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
