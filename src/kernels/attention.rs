@@ -264,6 +264,19 @@ fn probabilities(qh: &[f32], kb: &[f32], mask: &[bool], s: &AttnShape, p: &mut [
     }
 }
 
+/// Query rows per tile in the GEMM path: a tile only multiplies against the keys up to its last
+/// query (causal), which skips most of the upper triangle.
+const QUERY_TILE: usize = 128;
+
+/// The tiles of `s`'s queries: (first query, tile shape seeing keys 0..kv_len of the tile).
+fn query_tiles(s: &AttnShape) -> impl Iterator<Item = (usize, AttnShape)> + '_ {
+    (0..s.q_len).step_by(QUERY_TILE).map(move |r0| {
+        let r1 = (r0 + QUERY_TILE).min(s.q_len);
+        let kv_len = (s.q_offset + r1).min(s.kv_len);
+        (r0, AttnShape { q_len: r1 - r0, kv_len, q_offset: s.q_offset + r0, ..*s })
+    })
+}
+
 fn forward_gemm(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
     let (hd, tq, tk, ts) = (s.head_dim, s.q_len, s.kv_len, s.kv_stride);
     let g = s.group();
@@ -272,17 +285,15 @@ fn forward_gemm(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape
     out.par_chunks_mut(tq * hd).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (o, l))| {
         let (b, h) = (bh / s.heads, bh % s.heads);
         let kv = (b * s.kv_heads + h / g) * ts * hd;
-        let mut p = vec![0.0f32; tq * tk];
-        probabilities(
-            &q[bh * tq * hd..(bh + 1) * tq * hd],
-            &k[kv..kv + tk * hd],
-            &key_mask[b * ts..b * ts + tk],
-            &s,
-            &mut p,
-            None,
-            Some(l),
-        );
-        super::matmul(o, &p, false, &v[kv..kv + tk * hd], false, tq, hd, tk, 1.0, false);
+        let qh = &q[bh * tq * hd..(bh + 1) * tq * hd];
+        let mut p = vec![0.0f32; QUERY_TILE.min(tq) * tk];
+        for (r0, t) in query_tiles(&s) {
+            let (rows, keys) = (t.q_len, t.kv_len);
+            let pt = &mut p[..rows * keys];
+            let (qt, lt) = (&qh[r0 * hd..(r0 + rows) * hd], &mut l[r0..r0 + rows]);
+            probabilities(qt, &k[kv..kv + keys * hd], &key_mask[b * ts..b * ts + keys], &t, pt, None, Some(lt));
+            super::matmul(&mut o[r0 * hd..(r0 + rows) * hd], pt, false, &v[kv..kv + keys * hd], false, rows, hd, keys, 1.0, false);
+        }
     });
 }
 
@@ -311,24 +322,32 @@ fn backward_gemm(
             let kb = &k[bkv * tk * hd..(bkv + 1) * tk * hd];
             let vb = &v[bkv * tk * hd..(bkv + 1) * tk * hd];
             let mask = &key_mask[b * tk..(b + 1) * tk];
-            let mut p = vec![0.0f32; tq * tk];
-            let mut dp = vec![0.0f32; tq * tk];
+            let tile = QUERY_TILE.min(tq) * tk;
+            let (mut p, mut dp) = (vec![0.0f32; tile], vec![0.0f32; tile]);
+            dkc.fill(0.0);
+            dvc.fill(0.0);
             for gi in 0..g {
                 let bh = bkv * g + gi;
-                let rows = bh * tq * hd..(bh + 1) * tq * hd;
-                let (qh, oh, doh) = (&q[rows.clone()], &out[rows.clone()], &dout[rows]);
-                probabilities(qh, kb, mask, &s, &mut p, Some(&lse[bh * tq..(bh + 1) * tq]), None);
-                // dV += Pᵀ·dO; dP = dO·Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)); dQ = dS·K·scale; dK += dSᵀ·Q·scale
-                super::matmul(dvc, &p, true, doh, false, tk, hd, tq, 1.0, gi > 0);
-                super::matmul(&mut dp, doh, false, vb, true, tq, tk, hd, 1.0, false);
-                for i in 0..tq {
-                    let d_i = dot(&doh[i * hd..(i + 1) * hd], &oh[i * hd..(i + 1) * hd]);
-                    for (x, y) in dp[i * tk..(i + 1) * tk].iter_mut().zip(&p[i * tk..(i + 1) * tk]) {
-                        *x = y * (*x - d_i);
+                for (r0, t) in query_tiles(&s) {
+                    let (rows, keys) = (t.q_len, t.kv_len);
+                    let span = (bh * tq + r0) * hd..(bh * tq + r0 + rows) * hd;
+                    let (qt, ot, dot_) = (&q[span.clone()], &out[span.clone()], &dout[span]);
+                    let (pt, dpt) = (&mut p[..rows * keys], &mut dp[..rows * keys]);
+                    let (kt, vt) = (&kb[..keys * hd], &vb[..keys * hd]);
+                    probabilities(qt, kt, &mask[..keys], &t, pt, Some(&lse[bh * tq + r0..bh * tq + r0 + rows]), None);
+                    // dV += Pᵀ·dO; dP = dO·Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)); dQ = dS·K·scale; dK += dSᵀ·Q·scale
+                    super::matmul(&mut dvc[..keys * hd], pt, true, dot_, false, keys, hd, rows, 1.0, true);
+                    super::matmul(dpt, dot_, false, vt, true, rows, keys, hd, 1.0, false);
+                    for i in 0..rows {
+                        let d_i = dot(&dot_[i * hd..(i + 1) * hd], &ot[i * hd..(i + 1) * hd]);
+                        for (x, y) in dpt[i * keys..(i + 1) * keys].iter_mut().zip(&pt[i * keys..(i + 1) * keys]) {
+                            *x = y * (*x - d_i);
+                        }
                     }
+                    let dq_t = &mut dqg[(gi * tq + r0) * hd..(gi * tq + r0 + rows) * hd];
+                    super::matmul(dq_t, dpt, false, kt, false, rows, hd, keys, scale, false);
+                    super::matmul(&mut dkc[..keys * hd], dpt, true, qt, false, keys, hd, rows, scale, true);
                 }
-                super::matmul(&mut dqg[gi * tq * hd..(gi + 1) * tq * hd], &dp, false, kb, false, tq, hd, tk, scale, false);
-                super::matmul(dkc, &dp, true, qh, false, tk, hd, tq, scale, gi > 0);
             }
         },
     );
@@ -445,14 +464,15 @@ mod tests {
     /// The GEMM path (many queries) and the row path agree, forward and backward.
     #[test]
     fn gemm_and_row_paths_agree() {
+        const T: usize = 300; // three query tiles, the last one partial
         for window in [None, Some(7)] {
-            let s = AttnShape { batch: 2, heads: 4, kv_heads: 2, q_len: 20, kv_len: 20, kv_stride: 20, head_dim: 16, q_offset: 0, window };
+            let s = AttnShape { batch: 2, heads: 4, kv_heads: 2, q_len: T, kv_len: T, kv_stride: T, head_dim: 16, q_offset: 0, window };
             let mut rng = Rng::new(21);
-            let nq = 2 * 4 * 20 * 16;
-            let nk = 2 * 2 * 20 * 16;
+            let nq = 2 * 4 * T * 16;
+            let nk = 2 * 2 * T * 16;
             let (q, k, v, d) = (randn(&mut rng, nq, 1.0), randn(&mut rng, nk, 1.0), randn(&mut rng, nk, 1.0), randn(&mut rng, nq, 1.0));
-            let m: Vec<bool> = (0..40).map(|i| i < 20 || i % 20 < 13).collect();
-            let (mut o1, mut o2, mut l1, mut l2) = (vec![0.0; nq], vec![0.0; nq], vec![0.0; 160], vec![0.0; 160]);
+            let m: Vec<bool> = (0..2 * T).map(|i| i < T || i % T < 200).collect();
+            let (mut o1, mut o2, mut l1, mut l2) = (vec![0.0; nq], vec![0.0; nq], vec![0.0; 8 * T], vec![0.0; 8 * T]);
             forward_rows(&q, &k, &v, &m, s, &mut o1, &mut l1);
             forward_gemm(&q, &k, &v, &m, s, &mut o2, &mut l2);
             let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x == y || (x - y).abs() < 1e-4);
