@@ -1,6 +1,6 @@
 //! The `lowrank` command line: train, evaluate, preview data and generate. No math lives here.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lowrank::data::{make_sequences, read_jsonl, ChatTemplate, Encoder, Format, Message};
@@ -541,7 +541,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let format = a.format.as_deref().map(Format::parse).transpose()?;
     let (records, _) = read_jsonl(&a.data, format, false)?;
     let t = &p.tokenizer;
-    let template = t.chat_template.as_deref().map(|s| ChatTemplate::new(s, &t.bos_token, &t.eos_token)).transpose()?;
+    let template = p.chat_template()?;
     let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: a.train_on_inputs };
     let examples: Vec<_> = records
         .iter()
@@ -578,7 +578,7 @@ fn cmd_preview(a: PreviewArgs) -> Result<()> {
     let format = a.format.as_deref().map(Format::parse).transpose()?;
     let (records, _) = read_jsonl(&a.data, format, false)?;
     let t = &p.tokenizer;
-    let template = t.chat_template.as_deref().map(|s| ChatTemplate::new(s, &t.bos_token, &t.eos_token)).transpose()?;
+    let template = p.chat_template()?;
     let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: a.train_on_inputs };
     println!("Tokens in [brackets] are masked (label -100); the rest train. '|' separates tokens.\n");
     for (i, r) in records.iter().take(a.limit).enumerate() {
@@ -607,9 +607,7 @@ fn cmd_preview(a: PreviewArgs) -> Result<()> {
 }
 
 fn template_of(p: &Pretrained) -> Result<ChatTemplate> {
-    let t = &p.tokenizer;
-    let Some(src) = t.chat_template.as_deref() else { bail!("the model has no chat template") };
-    ChatTemplate::new(src, &t.bos_token, &t.eos_token)
+    p.chat_template()?.context("the model has no chat template")
 }
 
 fn stream_to_stdout() -> impl FnMut(usize, &str) {

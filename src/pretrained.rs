@@ -1,5 +1,6 @@
 //! A pre-trained model with its tokenizer, loaded from a Hugging Face directory or a GGUF file.
 
+use crate::data::ChatTemplate;
 use crate::model::gguf::GgufFile;
 use crate::model::DecoderModel;
 use crate::tokenizer::Tokenizer;
@@ -38,6 +39,12 @@ impl Pretrained {
     /// What adapters record as `base_model_name_or_path`.
     pub fn name(&self) -> String {
         self.path.to_string_lossy().into_owned()
+    }
+
+    /// The model's chat template, ready to render (None when the model has none).
+    pub fn chat_template(&self) -> Result<Option<ChatTemplate>> {
+        let t = &self.tokenizer;
+        t.chat_template.as_deref().map(|s| ChatTemplate::new(s, &t.bos_token, &t.eos_token)).transpose()
     }
 
     /// Token ids that end generation: EOS and, for chat models, the end-of-turn token.

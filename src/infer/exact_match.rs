@@ -47,7 +47,7 @@ pub fn exact_match(
     max_new_tokens: usize,
 ) -> Result<ExactMatch> {
     let t = &p.tokenizer;
-    let template = t.chat_template.as_deref().map(|s| ChatTemplate::new(s, &t.bos_token, &t.eos_token)).transpose()?;
+    let template = p.chat_template()?;
     let mut result = ExactMatch::default();
     let params = GenerateParams { max_new_tokens, sampling: SamplingParams::default(), stop_ids: p.stop_ids(), stop_strings: vec![] };
     for chunk in records.chunks(batch_size.max(1)) {

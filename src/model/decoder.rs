@@ -324,11 +324,7 @@ impl DecoderModel {
             let mut linear = Vec::with_capacity(7);
             for kind in ModuleKind::ALL {
                 let (inf, outf) = Self::module_shape(c, kind);
-                let has_bias = match kind {
-                    ModuleKind::Q | ModuleKind::K | ModuleKind::V => c.qkv_bias,
-                    ModuleKind::O => c.o_bias,
-                    _ => c.mlp_bias,
-                };
+                let has_bias = Self::module_has_bias(c, kind);
                 let name = format!("{p}.{}", kind.path());
                 let bias = if has_bias { Some(st.f32(&format!("{name}.bias"), &[outf])?) } else { None };
                 linear.push(Linear { w: st.f32(&format!("{name}.weight"), &[outf, inf])?, bias, in_features: inf, out_features: outf });
@@ -365,11 +361,7 @@ impl DecoderModel {
                     .iter()
                     .map(|&kind| {
                         let (inf, outf) = Self::module_shape(c, kind);
-                        let has_bias = match kind {
-                            ModuleKind::Q | ModuleKind::K | ModuleKind::V => c.qkv_bias,
-                            ModuleKind::O => c.o_bias,
-                            _ => c.mlp_bias,
-                        };
+                        let has_bias = Self::module_has_bias(c, kind);
                         Linear {
                             w: randn(inf * outf, 0.08, 0.0),
                             bias: has_bias.then(|| randn(outf, 0.1, 0.0)),
@@ -389,6 +381,15 @@ impl DecoderModel {
             inv_freq: inverse_frequencies(c.head_dim, c.rope_theta, &c.rope_scaling),
             gradient_checkpointing: false,
             config,
+        }
+    }
+
+    /// Whether a module carries a (frozen) bias under `config`.
+    fn module_has_bias(c: &DecoderConfig, kind: ModuleKind) -> bool {
+        match kind {
+            ModuleKind::Q | ModuleKind::K | ModuleKind::V => c.qkv_bias,
+            ModuleKind::O => c.o_bias,
+            _ => c.mlp_bias,
         }
     }
 

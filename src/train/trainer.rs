@@ -4,7 +4,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::optim::{clip_grad_norm, AdamW};
 use super::schedule::Schedule;
-use crate::data::{make_sequences, read_jsonl, to_batch, ChatTemplate, Cursor, Encoder, Format, Loader, Record, Sequence, SequenceStats};
+use crate::data::{make_sequences, read_jsonl, to_batch, Cursor, Encoder, Format, Loader, Record, Sequence, SequenceStats};
 use crate::io::atomic_write;
 use crate::kernels::loss::LossSum;
 use crate::lora::{self, LoraAdapter, LoraConfig, TargetModules};
@@ -221,7 +221,7 @@ pub fn prepare_data(cfg: &TrainConfig, p: &Pretrained) -> Result<PreparedData> {
         records = train;
     }
     let t = &p.tokenizer;
-    let template = t.chat_template.as_deref().map(|s| ChatTemplate::new(s, &t.bos_token, &t.eos_token)).transpose()?;
+    let template = p.chat_template()?;
     let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: cfg.train_on_inputs };
     let encode_all = |rs: &[Record], what: &str, path: &Path| -> Result<Vec<crate::data::Example>> {
         rs.iter()
