@@ -60,6 +60,28 @@ fn token_content(v: &Value) -> Option<String> {
     }
 }
 
+/// BPE merges implied by a SentencePiece vocabulary, which stores none: every way of cutting a
+/// piece into two pieces of the vocabulary is a merge, ranked by the score of the piece it makes
+/// (higher first; SentencePiece BPE merges the best-scoring pair first), ties by the longer left
+/// then right part, then by vocabulary order. The same order as transformers' `generate_merges`.
+fn merges_from_scores(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
+    let index: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let mut merges: Vec<(usize, usize, f64, usize, usize)> = Vec::new();
+    for (piece, &score) in tokens.iter().zip(scores) {
+        let mut local = Vec::new();
+        for (cut, _) in piece.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (index.get(&piece[..cut]), index.get(&piece[cut..])) {
+                local.push((l, r, score, piece[..cut].chars().count(), piece[cut..].chars().count()));
+            }
+        }
+        local.sort_by_key(|m| (m.0, m.1));
+        merges.extend(local);
+    }
+    // Stable, so equal keys keep the order above (as Python's sorted(reverse=True) does).
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2).then(b.3.cmp(&a.3)).then(b.4.cmp(&a.4)));
+    merges.into_iter().map(|(l, r, ..)| (tokens[l].clone(), tokens[r].clone())).collect()
+}
+
 impl Tokenizer {
     /// From a Hugging Face model directory: tokenizer.json, tokenizer_config.json and, when
     /// present, chat_template.jinja (which transformers 5 writes instead of the config key).
@@ -111,36 +133,75 @@ impl Tokenizer {
         })
     }
 
-    /// From GGUF metadata (`tokenizer.ggml.model` gpt2: byte-level BPE).
+    /// From GGUF metadata: `tokenizer.ggml.model` gpt2 (byte-level BPE with merges) or llama
+    /// (SentencePiece BPE: pieces and scores, byte fallback, merges rebuilt from the scores).
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let model = g.get_str("tokenizer.ggml.model").context("GGUF has no tokenizer (tokenizer.ggml.model)")?;
-        if model != "gpt2" {
-            bail!("GGUF tokenizer model \"{model}\" is not supported yet (only gpt2-style BPE); load the model's Hugging Face directory instead");
-        }
         let tokens = strings(g, "tokenizer.ggml.tokens")?;
-        let merges = strings(g, "tokenizer.ggml.merges")?;
         let types: Vec<u64> = match g.get("tokenizer.ggml.token_type").and_then(GgufValue::as_array) {
             Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
         };
-        let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
+        let token_id = |key: &str| g.get_u64(key).map(|v| v as u32);
+        let (bos_id, eos_id) = (token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id"));
+        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();
+        let (bos_token, eos_token) = (name(bos_id), name(eos_id));
+        let flag = |key: &str| g.get(key).and_then(GgufValue::as_bool);
         let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-        let merges: Vec<Value> = merges
-            .iter()
-            .map(|m| m.split_once(' ').map(|(a, b)| json!([a, b])).with_context(|| format!("malformed merge {m:?}")))
-            .collect::<Result<_>>()?;
-        // Control (3) and user-defined (4) tokens match as whole strings before BPE.
+        let (add_bos, normalizer, pre_tokenizer, decoder, model) = match model {
+            "gpt2" => {
+                let merges: Vec<Value> = strings(g, "tokenizer.ggml.merges")?
+                    .iter()
+                    .map(|m| m.split_once(' ').map(|(a, b)| json!([a, b])).with_context(|| format!("malformed merge {m:?}")))
+                    .collect::<Result<_>>()?;
+                let pre = gguf_pre_tokenizer(g.get_str("tokenizer.ggml.pre").unwrap_or("default"))?;
+                let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+                let model = json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                                   "vocab": vocab, "merges": merges});
+                (flag("tokenizer.ggml.add_bos_token").unwrap_or(false), Value::Null, pre, decoder, model)
+            }
+            "llama" => {
+                let scores: Vec<f64> = match g.get("tokenizer.ggml.scores").and_then(GgufValue::as_array) {
+                    Some(a) => a.iter().map(|v| v.as_f64().context("tokenizer.ggml.scores: expected numbers")).collect::<Result<_>>()?,
+                    None => bail!("GGUF metadata tokenizer.ggml.scores is missing (a llama-style tokenizer needs them)"),
+                };
+                if scores.len() != tokens.len() {
+                    bail!("GGUF tokenizer: {} tokens but {} scores", tokens.len(), scores.len());
+                }
+                let merges: Vec<Value> = merges_from_scores(&tokens, &scores).into_iter().map(|(a, b)| json!([a, b])).collect();
+                let unk = name(token_id("tokenizer.ggml.unknown_token_id").or(Some(0)));
+                // llama.cpp puts the SentencePiece dummy-prefix space before every run of text that
+                // starts the input or follows a special token: a normalizer does exactly that, since
+                // tokenizers normalizes each stretch of text between added tokens on its own.
+                let space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+                let mut steps = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+                if space_prefix {
+                    steps.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
+                }
+                let decoder = json!({"type": "Sequence", "decoders": [
+                    {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                    {"type": "ByteFallback"}, {"type": "Fuse"},
+                    {"type": "Strip", "content": " ", "start": usize::from(space_prefix), "stop": 0}]});
+                let model = json!({"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                                   "vocab": vocab, "merges": merges});
+                // llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
+                let normalizer = json!({"type": "Sequence", "normalizers": steps});
+                (flag("tokenizer.ggml.add_bos_token").unwrap_or(true), normalizer, Value::Null, decoder, model)
+            }
+            other => bail!(
+                "GGUF tokenizer model \"{other}\" is not supported (gpt2-style BPE and llama-style SentencePiece are); \
+                 load the model's Hugging Face directory instead"
+            ),
+        };
+        // Control (3) and user-defined (4) tokens match as whole strings before the model runs.
         let added: Vec<Value> = tokens
             .iter()
             .enumerate()
             .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
             .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": types[i] == 3}))
             .collect();
-        let bos_id = g.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32);
-        let eos_id = g.get_u64("tokenizer.ggml.eos_token_id").map(|v| v as u32);
-        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(GgufValue::as_bool).unwrap_or(false);
-        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();
-        let (bos_token, eos_token) = (name(bos_id), name(eos_id));
         let post = if add_bos && bos_id.is_some() {
             json!({"type": "TemplateProcessing",
                    "single": [{"SpecialToken": {"id": bos_token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -154,13 +215,11 @@ impl Tokenizer {
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": gguf_pre_tokenizer(pre)?,
+            "normalizer": normalizer,
+            "pre_tokenizer": pre_tokenizer,
             "post_processor": post,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                      "vocab": vocab, "merges": merges},
+            "decoder": decoder,
+            "model": model,
         });
         let inner: tokenizers::Tokenizer =
             spec.to_string().parse().map_err(|e| anyhow!("building the tokenizer from GGUF metadata: {e}"))?;

@@ -69,3 +69,29 @@ fn smollm2_logits_match_transformers() {
         }
     }
 }
+
+/// A llama-style (SentencePiece) GGUF tokenizer, made by tools/make_spm_reference.py from a trained
+/// SentencePiece model: ids as llama.cpp's SPM tokenizer gives them (SentencePiece per text run,
+/// special and user-defined tokens whole), including byte fallback for characters not in the vocabulary.
+#[test]
+fn sentencepiece_gguf_tokenizer_matches_sentencepiece() {
+    let g = GgufFile::open(&fixture("spm/tokenizer.gguf")).unwrap();
+    let t = lowrank::tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("spm/expected.json")).unwrap()).unwrap();
+    assert_eq!(t.vocab_size() as u64, reference["vocab_size"].as_u64().unwrap());
+    let id = |key: &str| Some(reference[key].as_u64().unwrap() as u32);
+    assert_eq!((t.bos_id, t.eos_id, t.add_bos), (id("bos_id"), id("eos_id"), true));
+    let mut fallbacks = 0;
+    for case in reference["strings"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let got = t.encode(text, true).unwrap();
+        assert_eq!(got, want, "token ids of {text:?}");
+        fallbacks += got.iter().filter(|&&i| t.id_to_token(i).is_some_and(|p| p.starts_with("<0x"))).count();
+        let plain = !text.contains("<|") && !text.contains("</s>");
+        if plain {
+            assert_eq!(t.decode(&got, true).unwrap(), case["decoded"].as_str().unwrap(), "decoding {text:?}");
+        }
+    }
+    assert!(fallbacks > 10, "the strings exercise byte fallback ({fallbacks} byte tokens)");
+}
