@@ -9,6 +9,7 @@ use lowrank::infer::{exact_match, generate, GenerateParams, SamplingParams};
 use lowrank::lora::adapter::thousands;
 use lowrank::lora::combine::{add_weighted, merge, AdapterSet, Combination};
 use lowrank::model::decoder::{LowRankSource, NoAdapter};
+use lowrank::model::WeightFormat;
 use lowrank::pretrained::Pretrained;
 use lowrank::train::trainer::{self, Metric, Progress, TrainConfig};
 use lowrank::LoraAdapter;
@@ -60,6 +61,9 @@ enum Command {
 struct InferArgs {
     #[arg(long)]
     model: PathBuf,
+    /// Keep the base weights as f32, bf16, q8_0 or q4_1 (compact formats decode faster).
+    #[arg(long, default_value = "f32", value_parser = WeightFormat::parse)]
+    weights: WeightFormat,
     /// Adapter as [NAME=]PATH[@SCALE]; repeatable. The first one starts active.
     #[arg(long)]
     adapter: Vec<String>,
@@ -85,7 +89,7 @@ struct InferArgs {
 
 impl InferArgs {
     fn session(&self) -> Result<Session> {
-        let p = Pretrained::load(&self.model)?;
+        let p = Pretrained::load_as(&self.model, self.weights)?;
         let mut set = AdapterSet::default();
         for spec in &self.adapter {
             let (name, rest) = match spec.split_once('=') {
@@ -192,6 +196,9 @@ enum BenchCommand {
         threads: usize,
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// Base weights as f32, bf16, q8_0 or q4_1.
+        #[arg(long, default_value = "f32", value_parser = WeightFormat::parse)]
+        weights: WeightFormat,
     },
     /// Decode and prefill tokens/s: base, unmerged adapter, merged adapter.
     Decode {
@@ -205,6 +212,9 @@ enum BenchCommand {
         prefill: usize,
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Base weights as f32, bf16, q8_0 or q4_1.
+        #[arg(long, default_value = "f32", value_parser = WeightFormat::parse)]
+        weights: WeightFormat,
     },
     /// f32 GEMM GFLOP/s.
     Gemm {
@@ -321,6 +331,9 @@ struct TrainArgs {
     /// Recompute each layer in the backward pass instead of keeping its activations.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     gradient_checkpointing: Option<bool>,
+    /// Keep the frozen base weights as f32, bf16, q8_0 or q4_1 (less memory; f32 is exact).
+    #[arg(long)]
+    weights: Option<String>,
 }
 
 impl TrainArgs {
@@ -371,6 +384,7 @@ impl TrainArgs {
             threads: pick!(threads),
             resume: self.resume.or(file.resume),
             gradient_checkpointing: pick!(gradient_checkpointing),
+            weights: pick!(weights),
         };
         Ok(cfg)
     }
@@ -380,6 +394,9 @@ impl TrainArgs {
 struct EvalArgs {
     #[arg(long)]
     model: PathBuf,
+    /// Keep the base weights as f32, bf16, q8_0 or q4_1.
+    #[arg(long, default_value = "f32", value_parser = WeightFormat::parse)]
+    weights: WeightFormat,
     /// PEFT adapter directory.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -532,7 +549,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
-    let p = Pretrained::load(&a.model)?;
+    let p = Pretrained::load_as(&a.model, a.weights)?;
     let adapter = load_adapter(&p, &a.adapter)?;
     let ad: &dyn LowRankSource = match &adapter {
         Some(x) => x,
@@ -722,18 +739,32 @@ fn cmd_combine(a: CombineArgs) -> Result<()> {
 
 fn cmd_bench(c: BenchCommand) -> Result<()> {
     let results = match c {
-        BenchCommand::Train { model, corpus, targets, r, alpha, dropout, batch, seq, steps, warmup, threads, gradient_checkpointing } => {
+        BenchCommand::Train {
+            model,
+            corpus,
+            targets,
+            r,
+            alpha,
+            dropout,
+            batch,
+            seq,
+            steps,
+            warmup,
+            threads,
+            gradient_checkpointing,
+            weights,
+        } => {
             set_threads(threads);
-            let mut p = Pretrained::load(&model)?;
+            let mut p = Pretrained::load_as(&model, weights)?;
             p.model.gradient_checkpointing = gradient_checkpointing;
             vec![lowrank::bench::train(
                 &p,
                 &lowrank::bench::TrainBench { corpus: &corpus, targets, r, alpha, dropout, batch, seq, warmup, steps },
             )?]
         }
-        BenchCommand::Decode { model, adapter, new_tokens, prefill, threads } => {
+        BenchCommand::Decode { model, adapter, new_tokens, prefill, threads, weights } => {
             set_threads(threads);
-            let mut p = Pretrained::load(&model)?;
+            let mut p = Pretrained::load_as(&model, weights)?;
             let a = load_adapter(&p, &adapter)?;
             lowrank::bench::decode(&mut p, a.as_ref(), new_tokens, prefill)?
         }

@@ -2,7 +2,7 @@
 
 use crate::data::ChatTemplate;
 use crate::model::gguf::GgufFile;
-use crate::model::DecoderModel;
+use crate::model::{DecoderModel, WeightFormat};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -15,18 +15,23 @@ pub struct Pretrained {
 
 impl Pretrained {
     /// Loads `path`: a directory with config.json, safetensors weights and tokenizer.json, or a
-    /// single .gguf file (tokenizer and chat template from its metadata).
+    /// single .gguf file (tokenizer and chat template from its metadata); weights in f32.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_as(path, WeightFormat::F32)
+    }
+
+    /// As `load`, with the frozen weights stored in `format`.
+    pub fn load_as(path: &Path, format: WeightFormat) -> Result<Self> {
         if !path.exists() {
             bail!("model path {} does not exist", path.display());
         }
         let (model, tokenizer) = if path.is_dir() {
-            let model = DecoderModel::from_hf_dir(path)?;
+            let model = DecoderModel::from_hf_dir_as(path, format)?;
             let tokenizer = Tokenizer::from_hf_dir(path)?;
             (model, tokenizer)
         } else {
             let g = GgufFile::open(path)?;
-            let model = DecoderModel::from_gguf(&g).with_context(|| format!("loading {}", path.display()))?;
+            let model = DecoderModel::from_gguf(&g, format).with_context(|| format!("loading {}", path.display()))?;
             let tokenizer = Tokenizer::from_gguf(&g).with_context(|| format!("loading the tokenizer of {}", path.display()))?;
             (model, tokenizer)
         };

@@ -35,14 +35,14 @@ fn other(a: &LoraAdapter) -> LoraAdapter {
 #[test]
 fn merged_logits_equal_unmerged_and_unmerge_restores_the_weights() {
     let (mut model, adapter) = llama();
-    let before: Vec<Vec<f32>> = model.layers.iter().flat_map(|l| l.linear.iter().map(|x| x.w.clone())).collect();
+    let before: Vec<Vec<f32>> = model.layers.iter().flat_map(|l| l.linear.iter().map(|x| x.w.to_f32())).collect();
     let unmerged = model.forward(&batch(), &adapter).unwrap();
     merge(&mut model, &adapter, 1.0);
     let merged = model.forward(&batch(), &NoAdapter).unwrap();
     let err = max_abs_diff(&merged, &unmerged);
     assert!(err <= 1e-4, "merged vs unmerged logits: {err}");
     unmerge(&mut model, &adapter, 1.0);
-    let after: Vec<Vec<f32>> = model.layers.iter().flat_map(|l| l.linear.iter().map(|x| x.w.clone())).collect();
+    let after: Vec<Vec<f32>> = model.layers.iter().flat_map(|l| l.linear.iter().map(|x| x.w.to_f32())).collect();
     let worst = before.iter().zip(&after).map(|(a, b)| max_abs_diff(a, b)).fold(0.0, f32::max);
     // Bound: a few ulps of weights of magnitude < 0.5.
     assert!(worst <= 1e-6, "unmerge left a weight off by {worst}");
@@ -84,7 +84,7 @@ fn weighted_combinations_follow_peft() {
     merge(&mut m2, &b, -0.4);
     for (l1, l2) in m1.layers.iter().zip(&m2.layers) {
         for (x, y) in l1.linear.iter().zip(&l2.linear) {
-            assert!(max_abs_diff(&x.w, &y.w) < 1e-6);
+            assert!(max_abs_diff(&x.w.to_f32(), &y.w.to_f32()) < 1e-6);
         }
     }
     // linear: A = Σ sign·√|w s| Aᵢ, B = Σ √|w s| Bᵢ, on every module (rank_pattern gives down_proj r=2,

@@ -21,7 +21,7 @@ pub fn matmul(c: &mut [f32], a: &[f32], a_t: bool, b: &[f32], b_t: bool, m: usiz
     if m <= 4 && !a_t && b_t && n >= 256 {
         // Decoding: a few rows against a weight stored [n×k]. Streaming each weight row once through
         // a dot product per input row is memory-bound, which is the best a GEMV can be.
-        return gemv_rows(c, a, b, m, n, k, alpha, accumulate);
+        return super::gemv::gemv_parallel(super::gemv::Row::F32(b), n, k, a, m, c, alpha, accumulate);
     }
     // Strides in elements: (row stride, column stride) of each operand as the product sees it.
     let (a_rs, a_cs) = if a_t { (1, m as isize) } else { (k as isize, 1) };
@@ -52,30 +52,6 @@ pub fn matmul(c: &mut [f32], a: &[f32], a_t: bool, b: &[f32], b_t: bool, m: usiz
             false,
             parallelism,
         );
-    }
-}
-
-/// `c[m×n] (+)= alpha · a[m×k] · b[n×k]ᵀ` for small m, parallel over blocks of b's rows.
-#[allow(clippy::too_many_arguments)]
-fn gemv_rows(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, alpha: f32, accumulate: bool) {
-    use rayon::prelude::*;
-    const BLOCK: usize = 64;
-    // Column blocks of the output are independent; compute them transposed ([n×m]) for contiguity.
-    let mut t = vec![0.0f32; n * m];
-    t.par_chunks_mut(BLOCK * m).enumerate().for_each(|(blk, dst)| {
-        for (j, d) in dst.chunks_mut(m).enumerate() {
-            let row = &b[(blk * BLOCK + j) * k..][..k];
-            for (i, v) in d.iter_mut().enumerate() {
-                *v = crate::kernels::attention::dot(&a[i * k..(i + 1) * k], row);
-            }
-        }
-    });
-    for i in 0..m {
-        for j in 0..n {
-            let v = alpha * t[j * m + i];
-            let o = &mut c[i * n + j];
-            *o = if accumulate { *o + v } else { v };
-        }
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod activations;
 pub mod attention;
 pub mod fastexp;
+pub mod gemv;
 pub mod loss;
 pub mod matmul;
 pub mod norm;

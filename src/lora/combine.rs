@@ -55,11 +55,12 @@ impl LowRankSource for AdapterSet {
     }
 }
 
-/// W += weight · scale · B·A for every module of the adapter (`weight` = −1 undoes it).
+/// W += weight · scale · B·A for every module of the adapter (`weight` = −1 undoes it). A module
+/// stored compact (bf16, Q8_0, Q4_1) is expanded to f32 first and stays f32.
 fn add_delta(model: &mut DecoderModel, adapter: &LoraAdapter, weight: f32) {
     for m in &adapter.modules {
         let lin = &mut model.layers[m.layer].linear[m.kind.index()];
-        matmul(&mut lin.w, adapter.b(m), false, adapter.a(m), false, m.out_features, m.in_features, m.r, weight * m.scale, true);
+        matmul(lin.w.f32_mut(), adapter.b(m), false, adapter.a(m), false, m.out_features, m.in_features, m.r, weight * m.scale, true);
     }
 }
 

@@ -112,7 +112,7 @@ impl DecoderConfig {
             bail!("num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})");
         }
         let head_dim = v.get("head_dim").and_then(Value::as_u64).map(|x| x as usize).unwrap_or(hidden_size / num_heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             bail!("head_dim {head_dim} must be even for rotary embeddings");
         }
         let (rope_theta, rope_scaling) = parse_rope(v)?;

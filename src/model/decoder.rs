@@ -5,6 +5,7 @@
 //! tensors its backward reads (`LayerActs`).
 
 use super::config::DecoderConfig;
+use super::frozen::{FrozenMatrix, WeightFormat};
 use super::weights::{TensorStore, WeightSource};
 use crate::kernels::attention::{attention_backward, attention_forward, AttnShape};
 use crate::kernels::loss::{lm_head_cross_entropy, LossSum};
@@ -60,7 +61,7 @@ pub fn module_name(layer: usize, kind: ModuleKind) -> String {
 
 /// A frozen linear layer: y = x·Wᵀ + b with W stored `[out, in]` as in PyTorch.
 pub struct Linear {
-    pub w: Vec<f32>,
+    pub w: FrozenMatrix,
     pub bias: Option<Vec<f32>>,
     pub in_features: usize,
     pub out_features: usize,
@@ -68,7 +69,7 @@ pub struct Linear {
 
 impl Linear {
     fn forward(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        matmul(y, x, false, &self.w, true, rows, self.out_features, self.in_features, 1.0, false);
+        project(&self.w, x, rows, y);
         if let Some(b) = &self.bias {
             for row in y.chunks_mut(self.out_features) {
                 for (v, bb) in row.iter_mut().zip(b) {
@@ -78,6 +79,19 @@ impl Linear {
         }
     }
 }
+
+/// `y[rows × w.rows] = x · Wᵀ`: a few rows (decoding) straight from the stored format, more
+/// (prefill, training) through the GEMM on W expanded to f32.
+fn project(w: &FrozenMatrix, x: &[f32], rows: usize, y: &mut [f32]) {
+    if rows <= DECODE_ROWS {
+        w.gemv(x, rows, y, 1.0, false);
+    } else {
+        w.with_f32(|wf| matmul(y, x, false, wf, true, rows, w.rows, w.cols, 1.0, false));
+    }
+}
+
+/// Up to this many rows a product with a frozen matrix is a matrix-vector product.
+const DECODE_ROWS: usize = 4;
 
 /// One low-rank update attached to a linear module, as the forward and backward passes see it:
 /// y += scale·(drop(x)·Aᵀ)·Bᵀ with A `[r, in]` and B `[out, r]`. Its gradient lives in a flat buffer
@@ -115,11 +129,11 @@ pub struct Layer {
 
 pub struct DecoderModel {
     pub config: DecoderConfig,
-    pub embed: Vec<f32>,
+    pub embed: FrozenMatrix,
     pub layers: Vec<Layer>,
     pub norm: Vec<f32>,
     /// `None` when the head is tied to the embedding matrix.
-    pub lm_head: Option<Vec<f32>>,
+    pub lm_head: Option<FrozenMatrix>,
     inv_freq: Vec<f32>,
     /// Keep only each layer's input during the forward pass and recompute the layer right before
     /// its backward (gradient checkpointing): far less memory for one extra forward pass.
@@ -270,7 +284,7 @@ fn linear_backward(
     let (inf, outf) = (lin.in_features, lin.out_features);
     let mut dx = dx;
     if let Some(dx) = dx.as_deref_mut() {
-        matmul(dx, dy, false, &lin.w, false, rows, inf, outf, 1.0, accumulate);
+        lin.w.with_f32(|w| matmul(dx, dy, false, w, false, rows, inf, outf, 1.0, accumulate));
     }
     let (Some(lr), Some(acts)) = (lr, acts) else {
         return;
@@ -300,22 +314,30 @@ fn linear_backward(
 impl DecoderModel {
     /// Loads a Hugging Face model directory (config.json + safetensors).
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        Self::from_hf_dir_as(dir, WeightFormat::F32)
+    }
+
+    /// As `from_hf_dir`, with the frozen matrices stored in `format`.
+    pub fn from_hf_dir_as(dir: &Path, format: WeightFormat) -> Result<Self> {
         if !dir.is_dir() {
             bail!("model directory {} does not exist", dir.display());
         }
         let config = DecoderConfig::from_file(&dir.join("config.json"))?;
         let store = TensorStore::open_dir(dir)?;
-        Self::from_weights(config, &store)
+        Self::from_weights(config, &store, format)
     }
 
-    /// Loads a single GGUF file (llama or qwen2 architecture); quantized tensors are dequantized.
-    pub fn from_gguf(file: &super::gguf::GgufFile) -> Result<Self> {
+    /// Loads a single GGUF file (llama or qwen2 architecture); quantized tensors are dequantized
+    /// and stored again in `format`.
+    pub fn from_gguf(file: &super::gguf::GgufFile, format: WeightFormat) -> Result<Self> {
         let config = super::gguf::decoder_config(file)?;
         let weights = super::gguf::GgufWeights { file, config: &config };
-        Self::from_weights(config.clone(), &weights)
+        Self::from_weights(config.clone(), &weights, format)
     }
 
-    pub fn from_weights(config: DecoderConfig, st: &dyn WeightSource) -> Result<Self> {
+    /// Reads every tensor from `st`, one at a time, storing each frozen matrix in `format` right
+    /// away (so loading never holds the whole model in f32).
+    pub fn from_weights(config: DecoderConfig, st: &dyn WeightSource, format: WeightFormat) -> Result<Self> {
         let c = &config;
         let (d, hd) = (c.hidden_size, c.head_dim);
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -327,7 +349,8 @@ impl DecoderModel {
                 let has_bias = Self::module_has_bias(c, kind);
                 let name = format!("{p}.{}", kind.path());
                 let bias = if has_bias { Some(st.f32(&format!("{name}.bias"), &[outf])?) } else { None };
-                linear.push(Linear { w: st.f32(&format!("{name}.weight"), &[outf, inf])?, bias, in_features: inf, out_features: outf });
+                let w = FrozenMatrix::new(outf, inf, st.f32(&format!("{name}.weight"), &[outf, inf])?, format);
+                linear.push(Linear { w, bias, in_features: inf, out_features: outf });
             }
             layers.push(Layer {
                 attn_norm: st.f32(&format!("{p}.input_layernorm.weight"), &[d])?,
@@ -335,10 +358,12 @@ impl DecoderModel {
                 linear,
             });
         }
-        let lm_head = if c.tie_word_embeddings { None } else { Some(st.f32("lm_head.weight", &[c.vocab_size, d])?) };
+        let matrix =
+            |name: &str| -> Result<FrozenMatrix> { Ok(FrozenMatrix::new(c.vocab_size, d, st.f32(name, &[c.vocab_size, d])?, format)) };
+        let lm_head = if c.tie_word_embeddings { None } else { Some(matrix("lm_head.weight")?) };
         let inv_freq = inverse_frequencies(hd, c.rope_theta, &c.rope_scaling);
         Ok(DecoderModel {
-            embed: st.f32("model.embed_tokens.weight", &[c.vocab_size, d])?,
+            embed: matrix("model.embed_tokens.weight")?,
             norm: st.f32("model.norm.weight", &[d])?,
             layers,
             lm_head,
@@ -363,7 +388,7 @@ impl DecoderModel {
                         let (inf, outf) = Self::module_shape(c, kind);
                         let has_bias = Self::module_has_bias(c, kind);
                         Linear {
-                            w: randn(inf * outf, 0.08, 0.0),
+                            w: FrozenMatrix::new(outf, inf, randn(inf * outf, 0.08, 0.0), WeightFormat::F32),
                             bias: has_bias.then(|| randn(outf, 0.1, 0.0)),
                             in_features: inf,
                             out_features: outf,
@@ -374,9 +399,10 @@ impl DecoderModel {
             })
             .collect();
         DecoderModel {
-            embed: randn(c.vocab_size * d, 0.5, 0.0),
+            embed: FrozenMatrix::new(c.vocab_size, d, randn(c.vocab_size * d, 0.5, 0.0), WeightFormat::F32),
             norm: randn(d, 0.1, 1.0),
-            lm_head: (!c.tie_word_embeddings).then(|| randn(c.vocab_size * d, 0.08, 0.0)),
+            lm_head: (!c.tie_word_embeddings)
+                .then(|| FrozenMatrix::new(c.vocab_size, d, randn(c.vocab_size * d, 0.08, 0.0), WeightFormat::F32)),
             layers,
             inv_freq: inverse_frequencies(c.head_dim, c.rope_theta, &c.rope_scaling),
             gradient_checkpointing: false,
@@ -422,11 +448,18 @@ impl DecoderModel {
     pub fn num_params(&self) -> usize {
         let per_layer: usize = self.layers[0].linear.iter().map(|l| l.w.len() + l.bias.as_ref().map_or(0, Vec::len)).sum::<usize>()
             + 2 * self.config.hidden_size;
-        self.embed.len() + per_layer * self.layers.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, Vec::len)
+        self.embed.len() + per_layer * self.layers.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, FrozenMatrix::len)
     }
 
-    fn head(&self) -> &[f32] {
-        self.lm_head.as_deref().unwrap_or(&self.embed)
+    /// Bytes the frozen weights occupy in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let linear: usize = self.layers.iter().flat_map(|l| &l.linear).map(|m| m.w.bytes() + 4 * m.bias.as_ref().map_or(0, Vec::len)).sum();
+        let norms = 4 * (self.norm.len() + self.layers.iter().map(|l| l.attn_norm.len() + l.mlp_norm.len()).sum::<usize>());
+        self.embed.bytes() + self.lm_head.as_ref().map_or(0, FrozenMatrix::bytes) + linear + norms
+    }
+
+    fn head(&self) -> &FrozenMatrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
     fn check_tokens(&self, batch: &Batch) -> Result<()> {
@@ -440,7 +473,7 @@ impl DecoderModel {
         let d = self.config.hidden_size;
         let mut h = vec![0.0; tokens.len() * d];
         for (row, &t) in h.chunks_mut(d).zip(tokens) {
-            row.copy_from_slice(&self.embed[t as usize * d..(t as usize + 1) * d]);
+            self.embed.row_into(t as usize, row);
         }
         h
     }
@@ -666,9 +699,9 @@ impl DecoderModel {
     pub fn forward(&self, batch: &Batch, ad: &dyn LowRankSource) -> Result<Vec<f32>> {
         self.check_tokens(batch)?;
         let (xf, ..) = self.trunk(batch, ad, None, self.config.num_layers);
-        let (n, d, v) = (batch.tokens.len(), self.config.hidden_size, self.config.vocab_size);
+        let (n, v) = (batch.tokens.len(), self.config.vocab_size);
         let mut logits = vec![0.0; n * v];
-        matmul(&mut logits, &xf, false, self.head(), true, n, v, d, 1.0, false);
+        project(self.head(), &xf, n, &mut logits);
         Ok(logits)
     }
 
@@ -676,7 +709,7 @@ impl DecoderModel {
     pub fn loss(&self, batch: &Batch, targets: &[Option<u32>], ad: &dyn LowRankSource) -> Result<LossSum> {
         self.check_tokens(batch)?;
         let (xf, ..) = self.trunk(batch, ad, None, self.config.num_layers);
-        Ok(lm_head_cross_entropy(&xf, self.head(), self.config.hidden_size, targets, 0.0, None))
+        Ok(self.head().with_f32(|w| lm_head_cross_entropy(&xf, w, self.config.hidden_size, targets, 0.0, None)))
     }
 
     /// An empty KV cache for `batch` rows of up to `capacity` positions.
@@ -698,7 +731,7 @@ impl DecoderModel {
     /// returns the logits of each row's last new position, `[batch, vocab]`.
     pub fn forward_step(&self, tokens: &[u32], mask: &[bool], cache: &mut KvCache, ad: &dyn LowRankSource) -> Result<Vec<f32>> {
         let b = cache.batch;
-        if tokens.is_empty() || tokens.len() % b != 0 || mask.len() != tokens.len() {
+        if tokens.is_empty() || !tokens.len().is_multiple_of(b) || mask.len() != tokens.len() {
             bail!("forward_step: {} tokens and {} mask entries for a batch of {b}", tokens.len(), mask.len());
         }
         let new = tokens.len() / b;
@@ -726,7 +759,7 @@ impl DecoderModel {
         rmsnorm_forward(&last, &self.norm, self.config.rms_norm_eps, &mut xf, &mut rstd);
         let v = self.config.vocab_size;
         let mut logits = vec![0.0; b * v];
-        matmul(&mut logits, &xf, false, self.head(), true, b, v, d, 1.0, false);
+        project(self.head(), &xf, b, &mut logits);
         Ok(logits)
     }
 
@@ -754,7 +787,7 @@ impl DecoderModel {
         let (xf, acts, h_last, rstd, ctx) = self.trunk(batch, ad, rng, lowest);
         let n = batch.tokens.len();
         let mut dxf = vec![0.0; n * c.hidden_size];
-        let loss = lm_head_cross_entropy(&xf, self.head(), c.hidden_size, targets, grad_scale, Some(&mut dxf));
+        let loss = self.head().with_f32(|w| lm_head_cross_entropy(&xf, w, c.hidden_size, targets, grad_scale, Some(&mut dxf)));
         let mut dh = vec![0.0; n * c.hidden_size];
         rmsnorm_backward(&dxf, &h_last, &self.norm, &rstd, &mut dh);
         for (i, kept) in acts.into_iter().enumerate().rev() {

@@ -15,10 +15,10 @@ pub fn hf_tensors(model: &DecoderModel) -> BTreeMap<String, (Vec<usize>, Vec<f32
     let c = &model.config;
     let d = c.hidden_size;
     let mut t = BTreeMap::new();
-    t.insert("model.embed_tokens.weight".into(), (vec![c.vocab_size, d], model.embed.clone()));
+    t.insert("model.embed_tokens.weight".into(), (vec![c.vocab_size, d], model.embed.to_f32()));
     t.insert("model.norm.weight".into(), (vec![d], model.norm.clone()));
     if let Some(h) = &model.lm_head {
-        t.insert("lm_head.weight".into(), (vec![c.vocab_size, d], h.clone()));
+        t.insert("lm_head.weight".into(), (vec![c.vocab_size, d], h.to_f32()));
     }
     for (l, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{l}");
@@ -27,7 +27,7 @@ pub fn hf_tensors(model: &DecoderModel) -> BTreeMap<String, (Vec<usize>, Vec<f32
         for kind in ModuleKind::ALL {
             let lin = &layer.linear[kind.index()];
             let name = format!("{p}.{}", kind.path());
-            t.insert(format!("{name}.weight"), (vec![lin.out_features, lin.in_features], lin.w.clone()));
+            t.insert(format!("{name}.weight"), (vec![lin.out_features, lin.in_features], lin.w.to_f32()));
             if let Some(b) = &lin.bias {
                 t.insert(format!("{name}.bias"), (vec![lin.out_features], b.clone()));
             }

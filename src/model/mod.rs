@@ -3,10 +3,12 @@
 pub mod config;
 pub mod decoder;
 pub mod export;
+pub mod frozen;
 pub mod gguf;
 pub mod quant;
 pub mod weights;
 
 pub use config::{Arch, DecoderConfig};
 pub use decoder::{Batch, DecoderModel, Linear, ModuleKind};
+pub use frozen::{FrozenMatrix, WeightFormat};
 pub use weights::TensorStore;

@@ -67,7 +67,7 @@ impl GgmlType {
     /// Bytes needed for `n` elements, or an error when `n` is not a whole number of blocks.
     pub fn byte_size(self, n: usize) -> Result<usize> {
         let (be, bb) = self.block();
-        if n % be != 0 {
+        if !n.is_multiple_of(be) {
             bail!("{n} elements are not a whole number of {self:?} blocks of {be}");
         }
         Ok(n / be * bb)

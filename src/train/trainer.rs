@@ -9,7 +9,7 @@ use crate::io::atomic_write;
 use crate::kernels::loss::LossSum;
 use crate::lora::{self, LoraAdapter, LoraConfig, TargetModules};
 use crate::model::decoder::LowRankSource;
-use crate::model::DecoderModel;
+use crate::model::{DecoderModel, WeightFormat};
 use crate::pretrained::Pretrained;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
@@ -52,6 +52,8 @@ pub struct TrainConfig {
     pub threads: usize,
     pub resume: Option<PathBuf>,
     pub gradient_checkpointing: bool,
+    /// How the frozen base weights are kept in memory: f32, bf16, q8_0 or q4_1.
+    pub weights: String,
 }
 
 impl Default for TrainConfig {
@@ -88,6 +90,7 @@ impl Default for TrainConfig {
             threads: 0,
             resume: None,
             gradient_checkpointing: false,
+            weights: "f32".into(),
         }
     }
 }
@@ -133,6 +136,7 @@ impl TrainConfig {
             bail!("give a positive --epochs or --max-steps");
         }
         Schedule::parse(&self.schedule)?;
+        WeightFormat::parse(&self.weights)?;
         Ok(())
     }
 }
@@ -257,7 +261,7 @@ pub fn evaluate(model: &DecoderModel, ad: &dyn LowRankSource, seqs: &[Sequence],
 pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) -> Result<TrainSummary> {
     cfg.validate()?;
     let started = Instant::now();
-    let mut p = Pretrained::load(&cfg.model)?;
+    let mut p = Pretrained::load_as(&cfg.model, WeightFormat::parse(&cfg.weights)?)?;
     p.model.gradient_checkpointing = cfg.gradient_checkpointing;
     let data = prepare_data(cfg, &p)?;
     let s = &data.train_stats;

@@ -1,0 +1,304 @@
+//! Matrix-vector kernels for frozen weights in f32, bf16 and two 32-value block formats (Q8_0,
+//! Q4_1 as in GGML), plus the matching row dequantizers. Decoding is memory-bound: each token
+//! streams every weight once, so the dot products read the compact format directly and never
+//! expand it to f32 in memory.
+//!
+//! The portable kernels are plain Rust in 16-lane chunks; on CPUs with AVX-512 (checked at run
+//! time) the dot products run as explicit AVX-512 intrinsics and the dequantizer as the portable
+//! code compiled with AVX-512 enabled.
+
+/// Values per quantization block.
+pub const BLOCK: usize = 32;
+
+/// A weight matrix, or one row of it, in one of the compact formats (row-major, whole blocks per row).
+#[derive(Clone, Copy)]
+pub enum Row<'a> {
+    F32(&'a [f32]),
+    /// bf16 bit patterns (the upper half of an f32).
+    Bf16(&'a [u16]),
+    /// Per block: f32 scale and 32 signed values.
+    Q8_0 {
+        scale: &'a [f32],
+        q: &'a [i8],
+    },
+    /// Per block: value = scale·q + min, q in 0..16, two per byte: the low nibble of byte j is
+    /// position j of the block, the high nibble position j+16.
+    Q4_1 {
+        scale: &'a [f32],
+        min: &'a [f32],
+        q: &'a [u8],
+    },
+}
+
+impl<'a> Row<'a> {
+    /// Row `j` of a matrix with `cols` columns.
+    #[inline(always)]
+    pub fn row(self, j: usize, cols: usize) -> Row<'a> {
+        let nb = cols / BLOCK;
+        match self {
+            Row::F32(w) => Row::F32(&w[j * cols..(j + 1) * cols]),
+            Row::Bf16(w) => Row::Bf16(&w[j * cols..(j + 1) * cols]),
+            Row::Q8_0 { scale, q } => Row::Q8_0 { scale: &scale[j * nb..(j + 1) * nb], q: &q[j * cols..(j + 1) * cols] },
+            Row::Q4_1 { scale, min, q } => {
+                Row::Q4_1 { scale: &scale[j * nb..(j + 1) * nb], min: &min[j * nb..(j + 1) * nb], q: &q[j * cols / 2..(j + 1) * cols / 2] }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+#[inline(always)]
+fn sum16(acc: [f32; 16]) -> f32 {
+    acc.iter().sum()
+}
+
+/// `row · x`.
+#[inline(always)]
+fn dot_portable(row: Row, x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    match row {
+        Row::F32(w) => {
+            let (wc, xc) = (w.chunks_exact(16), x.chunks_exact(16));
+            let tail: f32 = wc.remainder().iter().zip(xc.remainder()).map(|(a, b)| a * b).sum();
+            for (w, x) in wc.zip(xc) {
+                for l in 0..16 {
+                    acc[l] += w[l] * x[l];
+                }
+            }
+            sum16(acc) + tail
+        }
+        Row::Bf16(w) => {
+            let (wc, xc) = (w.chunks_exact(16), x.chunks_exact(16));
+            let tail: f32 = wc.remainder().iter().zip(xc.remainder()).map(|(&a, b)| bf16_to_f32(a) * b).sum();
+            for (w, x) in wc.zip(xc) {
+                for l in 0..16 {
+                    acc[l] += bf16_to_f32(w[l]) * x[l];
+                }
+            }
+            sum16(acc) + tail
+        }
+        Row::Q8_0 { scale, q } => {
+            for ((&d, q), x) in scale.iter().zip(q.chunks_exact(BLOCK)).zip(x.chunks_exact(BLOCK)) {
+                for l in 0..16 {
+                    acc[l] += d * (q[l] as f32 * x[l] + q[l + 16] as f32 * x[l + 16]);
+                }
+            }
+            sum16(acc)
+        }
+        Row::Q4_1 { scale, min, q } => {
+            for (((&d, &m), q), x) in scale.iter().zip(min).zip(q.chunks_exact(BLOCK / 2)).zip(x.chunks_exact(BLOCK)) {
+                for l in 0..16 {
+                    let (lo, hi) = ((q[l] & 15) as f32, (q[l] >> 4) as f32);
+                    acc[l] += d * (lo * x[l] + hi * x[l + 16]) + m * (x[l] + x[l + 16]);
+                }
+            }
+            sum16(acc)
+        }
+    }
+}
+
+/// The row as f32 into `out` (`out.len()` values).
+#[inline(always)]
+fn dequantize_portable(row: Row, out: &mut [f32]) {
+    match row {
+        Row::F32(w) => out.copy_from_slice(w),
+        Row::Bf16(w) => {
+            for (o, &b) in out.iter_mut().zip(w) {
+                *o = bf16_to_f32(b);
+            }
+        }
+        Row::Q8_0 { scale, q } => {
+            for ((&d, q), o) in scale.iter().zip(q.chunks_exact(BLOCK)).zip(out.chunks_exact_mut(BLOCK)) {
+                for l in 0..BLOCK {
+                    o[l] = d * q[l] as f32;
+                }
+            }
+        }
+        Row::Q4_1 { scale, min, q } => {
+            for (((&d, &m), q), o) in scale.iter().zip(min).zip(q.chunks_exact(BLOCK / 2)).zip(out.chunks_exact_mut(BLOCK)) {
+                for l in 0..16 {
+                    o[l] = d * (q[l] & 15) as f32 + m;
+                    o[l + 16] = d * (q[l] >> 4) as f32 + m;
+                }
+            }
+        }
+    }
+}
+
+/// `out[(j − first)·m + i] = row_j · x_i` for rows `first..first + out.len()/m` of `w` and the
+/// `m` rows of `x` (each `cols` long).
+#[inline(always)]
+fn gemv_portable(w: Row, cols: usize, first: usize, x: &[f32], m: usize, out: &mut [f32]) {
+    for (jj, o) in out.chunks_exact_mut(m).enumerate() {
+        let row = w.row(first + jj, cols);
+        for (i, v) in o.iter_mut().enumerate() {
+            *v = dot_portable(row, &x[i * cols..(i + 1) * cols]);
+        }
+    }
+}
+
+/// Rows `first..first + out.len()/cols` of `w` as f32.
+#[inline(always)]
+fn dequantize_portable_rows(w: Row, cols: usize, first: usize, out: &mut [f32]) {
+    for (jj, o) in out.chunks_exact_mut(cols).enumerate() {
+        dequantize_portable(w.row(first + jj, cols), o);
+    }
+}
+
+/// Which vector extension the kernels run with on this CPU (checked once).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    Portable,
+    Avx512,
+}
+
+fn simd() -> Simd {
+    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("fma") {
+                return Simd::Avx512;
+            }
+        }
+        Simd::Portable
+    })
+}
+
+/// AVX-512 versions: the dot products spelled out in intrinsics (LLVM does not vectorize a float
+/// reduction on its own), the dequantizer the portable code compiled with AVX-512 enabled.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Row, BLOCK};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn dot(row: Row, x: &[f32]) -> f32 {
+        let xp = x.as_ptr();
+        let mut acc = _mm512_setzero_ps();
+        match row {
+            Row::F32(w) => {
+                let n = w.len();
+                let mut p = 0;
+                while p + 16 <= n {
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(w.as_ptr().add(p)), _mm512_loadu_ps(xp.add(p)), acc);
+                    p += 16;
+                }
+                if p < n {
+                    let mask: __mmask16 = (1u32 << (n - p)) as u16 - 1;
+                    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w.as_ptr().add(p)), _mm512_maskz_loadu_ps(mask, xp.add(p)), acc);
+                }
+            }
+            Row::Bf16(w) => {
+                let n = w.len();
+                let mut p = 0;
+                while p + 16 <= n {
+                    let h = _mm256_loadu_si256(w.as_ptr().add(p) as *const __m256i);
+                    let v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+                    acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(xp.add(p)), acc);
+                    p += 16;
+                }
+                let tail: f32 = w[p..].iter().zip(&x[p..]).map(|(&a, b)| super::bf16_to_f32(a) * b).sum();
+                return _mm512_reduce_add_ps(acc) + tail;
+            }
+            Row::Q8_0 { scale, q } => {
+                for (b, &d) in scale.iter().enumerate() {
+                    let qp = q.as_ptr().add(b * BLOCK);
+                    let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qp as *const __m128i)));
+                    let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qp.add(16) as *const __m128i)));
+                    let s =
+                        _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(b * BLOCK + 16)), _mm512_mul_ps(lo, _mm512_loadu_ps(xp.add(b * BLOCK))));
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(d), s, acc);
+                }
+            }
+            Row::Q4_1 { scale, min, q } => {
+                let mut acc_min = _mm512_setzero_ps();
+                let nibble = _mm512_set1_epi32(15);
+                for (b, (&d, &m)) in scale.iter().zip(min).enumerate() {
+                    let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.as_ptr().add(b * BLOCK / 2) as *const __m128i));
+                    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, nibble));
+                    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(bytes));
+                    let (x0, x1) = (_mm512_loadu_ps(xp.add(b * BLOCK)), _mm512_loadu_ps(xp.add(b * BLOCK + 16)));
+                    let s = _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(d), s, acc);
+                    acc_min = _mm512_fmadd_ps(_mm512_set1_ps(m), _mm512_add_ps(x0, x1), acc_min);
+                }
+                acc = _mm512_add_ps(acc, acc_min);
+            }
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+    pub unsafe fn gemv(w: Row, cols: usize, first: usize, x: &[f32], m: usize, out: &mut [f32]) {
+        for (jj, o) in out.chunks_exact_mut(m).enumerate() {
+            let row = w.row(first + jj, cols);
+            for (i, v) in o.iter_mut().enumerate() {
+                *v = dot(row, &x[i * cols..(i + 1) * cols]);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+    pub unsafe fn dequantize(w: Row, cols: usize, first: usize, out: &mut [f32]) {
+        super::dequantize_portable_rows(w, cols, first, out)
+    }
+}
+
+/// `out[(j − first)·m + i] = row_j · x_i` for rows `first..first + out.len()/m` of the `[rows ×
+/// cols]` matrix `w` and the `m` rows of `x`.
+pub fn gemv(w: Row, cols: usize, first: usize, x: &[f32], m: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), m * cols);
+    match simd() {
+        // SAFETY: `simd()` checked that the CPU has these features; every row holds whole
+        // 16-value chunks or is read with a mask, and x rows are as long as w rows (asserted).
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { avx512::gemv(w, cols, first, x, m, out) },
+        _ => gemv_portable(w, cols, first, x, m, out),
+    }
+}
+
+/// Rows `first..first + out.len()/cols` of the matrix `w` as f32.
+pub fn dequantize(w: Row, cols: usize, first: usize, out: &mut [f32]) {
+    match simd() {
+        // SAFETY: `simd()` checked that the CPU has these features.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { avx512::dequantize(w, cols, first, out) },
+        _ => dequantize_portable_rows(w, cols, first, out),
+    }
+}
+
+/// `y[m × rows] (+)= alpha · x[m × cols] · wᵀ` for a `[rows × cols]` matrix `w`, in parallel
+/// over blocks of rows (decoding: `m` sequences, one new token each).
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_parallel(w: Row, rows: usize, cols: usize, x: &[f32], m: usize, y: &mut [f32], alpha: f32, accumulate: bool) {
+    use rayon::prelude::*;
+    assert_eq!(y.len(), m * rows);
+    let chunk = rows_per_task(rows);
+    // Computed as [rows × m] so each task writes one contiguous stretch.
+    let mut t = vec![0.0f32; rows * m];
+    t.par_chunks_mut(chunk * m).enumerate().for_each(|(c, o)| gemv(w, cols, c * chunk, x, m, o));
+    for i in 0..m {
+        for (j, o) in y[i * rows..(i + 1) * rows].iter_mut().enumerate() {
+            let v = alpha * t[j * m + i];
+            *o = if accumulate { *o + v } else { v };
+        }
+    }
+}
+
+/// The `[rows × cols]` matrix `w` as f32 into `out`, in parallel.
+pub fn dequantize_parallel(w: Row, rows: usize, cols: usize, out: &mut [f32]) {
+    use rayon::prelude::*;
+    let chunk = rows_per_task(rows);
+    out.par_chunks_mut(chunk * cols).enumerate().for_each(|(c, o)| dequantize(w, cols, c * chunk, o));
+}
+
+/// Rows per parallel task: enough tasks to balance two to a few dozen threads, each a few KiB of
+/// weights at least.
+fn rows_per_task(rows: usize) -> usize {
+    (rows / (8 * rayon::current_num_threads())).clamp(16, 1024)
+}

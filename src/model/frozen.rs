@@ -1,0 +1,278 @@
+//! Frozen weight matrices, kept compact: f32, bf16, or 32-value blocks (Q8_0, Q4_1) as GGML
+//! quantizes them. Decoding multiplies the compact form directly (`gemv`); batched work (prefill,
+//! training) expands one matrix at a time into reused f32 scratch (`with_f32`), so a model in
+//! Q8_0 never holds more than one f32 matrix besides its activations.
+
+use crate::kernels::gemv::{self, Row, BLOCK};
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+use std::cell::Cell;
+
+/// How frozen weights are stored in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Exact: what the parity tests use.
+    #[default]
+    F32,
+    /// Rounded to bfloat16 (nearest even): half the memory, ~3 significant digits.
+    Bf16,
+    /// GGML Q8_0: per 32 values one scale (max |x| / 127) and signed bytes: ~1.1 bytes a value.
+    Q8_0,
+    /// GGML Q4_1: per 32 values scale and minimum, 4-bit values: ~0.75 bytes a value.
+    Q4_1,
+}
+
+impl WeightFormat {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" => WeightFormat::F32,
+            "bf16" => WeightFormat::Bf16,
+            "q8_0" => WeightFormat::Q8_0,
+            "q4_1" => WeightFormat::Q4_1,
+            _ => bail!("unknown weight format \"{s}\" (use f32, bf16, q8_0 or q4_1)"),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Bf16 => "bf16",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q4_1 => "q4_1",
+        }
+    }
+}
+
+enum Data {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    Q8_0 { scale: Vec<f32>, q: Vec<i8> },
+    Q4_1 { scale: Vec<f32>, min: Vec<f32>, q: Vec<u8> },
+}
+
+/// A frozen `[rows × cols]` row-major matrix (a PyTorch linear weight is `[out, in]`).
+pub struct FrozenMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    data: Data,
+}
+
+thread_local! {
+    /// f32 copy of the last matrix `with_f32` expanded on this thread; reused to avoid page faults.
+    static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Matrices above this many values get a temporary buffer instead of the kept scratch (the
+/// embedding matrix, when it is the LM head: keeping 100+ MB around would defeat compact weights).
+const SCRATCH_MAX: usize = 8 << 20;
+
+impl FrozenMatrix {
+    /// Stores `w` (`[rows × cols]`) in `format`. Block formats need `cols` divisible by 32; other
+    /// matrices stay in f32.
+    pub fn new(rows: usize, cols: usize, w: Vec<f32>, format: WeightFormat) -> Self {
+        assert_eq!(w.len(), rows * cols, "FrozenMatrix: {} values for {rows}×{cols}", w.len());
+        let blocks_fit = cols.is_multiple_of(BLOCK);
+        let data = match format {
+            WeightFormat::F32 => Data::F32(w),
+            WeightFormat::Bf16 => Data::Bf16(w.par_iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
+            WeightFormat::Q8_0 if blocks_fit => {
+                let scale: Vec<f32> = w.par_chunks(BLOCK).map(|b| b.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0).collect();
+                let q = w
+                    .par_chunks(BLOCK)
+                    .zip(&scale)
+                    .flat_map_iter(|(b, &d)| {
+                        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                        b.iter().map(move |x| (x * inv).round() as i8)
+                    })
+                    .collect();
+                Data::Q8_0 { scale, q }
+            }
+            WeightFormat::Q4_1 if blocks_fit => {
+                let range: Vec<(f32, f32)> = w
+                    .par_chunks(BLOCK)
+                    .map(|b| {
+                        let (lo, hi) = b.iter().fold((f32::MAX, f32::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+                        ((hi - lo) / 15.0, lo)
+                    })
+                    .collect();
+                let q = w
+                    .par_chunks(BLOCK)
+                    .zip(&range)
+                    .flat_map_iter(|(b, &(d, m))| {
+                        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                        let level = move |x: f32| (((x - m) * inv + 0.5) as u8).min(15);
+                        (0..BLOCK / 2).map(move |j| level(b[j]) | (level(b[j + BLOCK / 2]) << 4))
+                    })
+                    .collect();
+                let (scale, min) = range.into_iter().unzip();
+                Data::Q4_1 { scale, min, q }
+            }
+            WeightFormat::Q8_0 | WeightFormat::Q4_1 => Data::F32(w),
+        };
+        FrozenMatrix { rows, cols, data }
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        match self.data {
+            Data::F32(_) => WeightFormat::F32,
+            Data::Bf16(_) => WeightFormat::Bf16,
+            Data::Q8_0 { .. } => WeightFormat::Q8_0,
+            Data::Q4_1 { .. } => WeightFormat::Q4_1,
+        }
+    }
+
+    /// Number of values (`rows × cols`).
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes the matrix occupies in memory.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Data::F32(w) => 4 * w.len(),
+            Data::Bf16(w) => 2 * w.len(),
+            Data::Q8_0 { scale, q } => 4 * scale.len() + q.len(),
+            Data::Q4_1 { scale, min, q } => 4 * (scale.len() + min.len()) + q.len(),
+        }
+    }
+
+    fn view(&self) -> Row<'_> {
+        match &self.data {
+            Data::F32(w) => Row::F32(w),
+            Data::Bf16(w) => Row::Bf16(w),
+            Data::Q8_0 { scale, q } => Row::Q8_0 { scale, q },
+            Data::Q4_1 { scale, min, q } => Row::Q4_1 { scale, min, q },
+        }
+    }
+
+    /// The f32 values when the matrix is stored in f32.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            Data::F32(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// The values as f32, for editing in place (merging an adapter): a compact matrix is expanded
+    /// to f32 for good first.
+    pub fn f32_mut(&mut self) -> &mut Vec<f32> {
+        if !matches!(self.data, Data::F32(_)) {
+            self.data = Data::F32(self.to_f32());
+        }
+        match &mut self.data {
+            Data::F32(w) => w,
+            _ => unreachable!("expanded to f32 above"),
+        }
+    }
+
+    /// Row `r` as f32 into `out`.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        gemv::dequantize(self.view(), self.cols, r, out);
+    }
+
+    /// All values as f32, in parallel.
+    fn expand_into(&self, out: &mut [f32]) {
+        gemv::dequantize_parallel(self.view(), self.rows, self.cols, out);
+    }
+
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len()];
+        self.expand_into(&mut out);
+        out
+    }
+
+    /// Runs `f` on the matrix as f32: the stored values, or a copy expanded into this thread's
+    /// scratch buffer.
+    pub fn with_f32<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        if let Data::F32(w) = &self.data {
+            return f(w);
+        }
+        let n = self.len();
+        // Taken, not borrowed: a nested call (rayon may run other work on this thread) just
+        // gets a buffer of its own.
+        let mut buf = if n <= SCRATCH_MAX { SCRATCH.take() } else { Vec::new() };
+        if buf.len() < n {
+            buf.resize(n, 0.0);
+        }
+        self.expand_into(&mut buf[..n]);
+        let result = f(&buf[..n]);
+        if n <= SCRATCH_MAX {
+            SCRATCH.set(buf);
+        }
+        result
+    }
+
+    /// `y[m × rows] (+)= alpha · x[m × cols] · Wᵀ` straight from the stored format (decoding:
+    /// `m` is the number of sequences, one new token each).
+    pub fn gemv(&self, x: &[f32], m: usize, y: &mut [f32], alpha: f32, accumulate: bool) {
+        gemv::gemv_parallel(self.view(), self.rows, self.cols, x, m, y, alpha, accumulate);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::randn;
+    use crate::rng::Rng;
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// Each format's error bound per value, relative to the block's largest magnitude.
+    fn bound(format: WeightFormat) -> f32 {
+        match format {
+            WeightFormat::F32 => 0.0,
+            WeightFormat::Bf16 => 1.0 / 256.0,
+            WeightFormat::Q8_0 => 0.5 / 127.0 + 1e-6,
+            WeightFormat::Q4_1 => 2.0 * 0.5 / 15.0 + 1e-6,
+        }
+    }
+
+    #[test]
+    fn every_format_round_trips_within_its_bound_and_gemv_matches_its_own_values() {
+        let mut rng = Rng::new(7);
+        let (rows, cols) = (70, 96);
+        let w = randn(&mut rng, rows * cols, 1.0);
+        for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8_0, WeightFormat::Q4_1] {
+            let fm = FrozenMatrix::new(rows, cols, w.clone(), format);
+            assert_eq!(fm.format(), format);
+            let back = fm.to_f32();
+            for (b, (got, want)) in back.chunks(BLOCK).zip(w.chunks(BLOCK)).enumerate() {
+                let amax = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                assert!(max_diff(got, want) <= bound(format) * amax, "{format:?} block {b}: {} vs bound", max_diff(got, want));
+            }
+            // The product from the compact form equals the product with its own f32 expansion.
+            for m in 1..=3 {
+                let x = randn(&mut rng, m * cols, 1.0);
+                let mut y = vec![0.5; m * rows];
+                fm.gemv(&x, m, &mut y, 2.0, true);
+                let mut want = vec![0.5; m * rows];
+                crate::kernels::matmul::matmul_naive(&mut want, &x, false, &back, true, m, rows, cols, 2.0, true);
+                assert!(max_diff(&y, &want) < 1e-4 * (cols as f32).sqrt(), "{format:?} m={m}: {}", max_diff(&y, &want));
+            }
+            let mut row = vec![0.0; cols];
+            fm.row_into(5, &mut row);
+            assert_eq!(row, back[5 * cols..6 * cols]);
+            fm.with_f32(|v| assert_eq!(v, &back[..]));
+        }
+    }
+
+    #[test]
+    fn formats_parse_and_odd_widths_stay_f32() {
+        for f in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8_0, WeightFormat::Q4_1] {
+            assert_eq!(WeightFormat::parse(f.name()).unwrap(), f);
+        }
+        assert!(WeightFormat::parse("q3").is_err());
+        let fm = FrozenMatrix::new(2, 40, vec![1.0; 80], WeightFormat::Q8_0);
+        assert_eq!(fm.format(), WeightFormat::F32);
+        let mut fm = FrozenMatrix::new(2, 32, vec![1.0; 64], WeightFormat::Q4_1);
+        assert_eq!(fm.bytes(), 2 * 8 + 32);
+        fm.f32_mut()[0] = 3.0;
+        assert_eq!((fm.format(), fm.to_f32()[0]), (WeightFormat::F32, 3.0));
+    }
+}
