@@ -97,6 +97,26 @@ fn loss_falls_and_the_saved_adapter_reloads_to_the_same_eval_loss() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// With the base kept in Q4_1 (a quarter of f32's memory), the adapter still trains, and the
+/// adapter works on the exact f32 base too.
+#[test]
+fn training_on_a_q4_1_base_trains_the_adapter() {
+    let dir = tmpdir("q4");
+    let cfg = TrainConfig { weights: "q4_1".into(), ..small_config(&dir, 8) };
+    let s = trainer::train(&cfg, &mut Silent, &AtomicBool::new(false)).unwrap();
+    let losses: Vec<f64> = read_metrics(&cfg.output.join("metrics.jsonl")).unwrap().iter().filter_map(|x| x.loss).collect();
+    let (first, last) = (losses[..2].iter().sum::<f64>() / 2.0, losses[6..].iter().sum::<f64>() / 2.0);
+    assert!(last < 0.7 * first, "loss did not fall: {losses:?}");
+    let p = smollm2_model();
+    let adapter = lowrank::lora::peft::load(&cfg.output.join("adapter"), &p.model).unwrap();
+    let data = trainer::prepare_data(&cfg, p).unwrap();
+    let on_f32 = trainer::evaluate(&p.model, &adapter, &data.eval, 4, p.tokenizer.eos_id.unwrap()).unwrap().mean();
+    let base = trainer::evaluate(&p.model, &lowrank::model::decoder::NoAdapter, &data.eval, 4, p.tokenizer.eos_id.unwrap()).unwrap().mean();
+    let q4 = s.final_eval_loss.unwrap();
+    assert!(on_f32 < 0.7 * base && (on_f32 - q4).abs() < 0.1 * q4, "eval loss: base {base}, adapter on f32 {on_f32}, on q4_1 {q4}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn resume_is_bit_identical() {
     let dir = tmpdir("resume");

@@ -410,6 +410,18 @@ impl DecoderModel {
         }
     }
 
+    /// Stores every frozen matrix again in `format` (models made by `random`, benchmarks).
+    pub fn store_as(&mut self, format: WeightFormat) {
+        let again = |m: &FrozenMatrix| FrozenMatrix::new(m.rows, m.cols, m.to_f32(), format);
+        for lin in self.layers.iter_mut().flat_map(|l| l.linear.iter_mut()) {
+            lin.w = again(&lin.w);
+        }
+        self.embed = again(&self.embed);
+        if let Some(h) = &mut self.lm_head {
+            *h = again(h);
+        }
+    }
+
     /// Whether a module carries a (frozen) bias under `config`.
     fn module_has_bias(c: &DecoderConfig, kind: ModuleKind) -> bool {
         match kind {
@@ -881,6 +893,33 @@ mod tests {
             assert!(close(&logits[v..], 5 + step), "decode step {step}, padded row");
         }
         assert!(model.forward_step(&[1, 1, 1, 1], &[true; 4], &mut cache, &adapter).is_err(), "capacity is enforced");
+    }
+
+    /// With compact weights, decoding (fused-dequant GEMV) and the full forward (GEMM on the
+    /// expanded matrix) compute the same model, and that model stays close to the f32 one.
+    #[test]
+    fn compact_weights_decode_like_their_full_forward() {
+        let f32_model = DecoderModel::random(tiny("llama", None), 6);
+        let seq: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35];
+        let v = f32_model.config.vocab_size;
+        let reference = f32_model.forward(&Batch::right_padded(std::slice::from_ref(&seq), 0).unwrap(), &NoAdapter).unwrap();
+        for (format, drift) in [(WeightFormat::Bf16, 0.05), (WeightFormat::Q8_0, 0.1), (WeightFormat::Q4_1, 1.0)] {
+            let mut model = DecoderModel::random(tiny("llama", None), 6);
+            model.store_as(format);
+            assert_eq!(model.layers[0].linear[ModuleKind::Q.index()].w.format(), format);
+            assert!(model.weight_bytes() < f32_model.weight_bytes());
+            let full = model.forward(&Batch::right_padded(std::slice::from_ref(&seq), 0).unwrap(), &NoAdapter).unwrap();
+            let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            let mut cache = model.new_cache(1, 8);
+            model.forward_step(&seq[..4], &[true; 4], &mut cache, &NoAdapter).unwrap();
+            for t in 4..seq.len() {
+                let logits = model.forward_step(&seq[t..t + 1], &[true], &mut cache, &NoAdapter).unwrap();
+                let err = max_diff(&logits, &full[t * v..(t + 1) * v]);
+                assert!(err < 1e-4, "{format:?} position {t}: decode vs full forward {err}");
+            }
+            let err = max_diff(&full, &reference);
+            assert!(err > 0.0 && err < drift, "{format:?}: logits moved by {err} from f32");
+        }
     }
 
     /// Gradient checkpointing recomputes layers (with the same dropout masks) and gives the
