@@ -44,10 +44,18 @@ done
 echo "== qv-r8-4x512 with --gradient-checkpointing: lowrank" >&2
 $bin bench train --model "$gguf" --corpus "$corpus" --targets q_proj,v_proj --r 8 --alpha 16 --batch 4 --seq 512 \
     --steps "$steps" --warmup 2 --threads 2 --gradient-checkpointing | record qv-r8-4x512-ckpt
+for weights in bf16 q8_0 q4_1; do
+    echo "== qv-r8-4x128 on a $weights base: lowrank" >&2
+    $bin bench train --model "$gguf" --corpus "$corpus" --targets q_proj,v_proj --r 8 --alpha 16 --batch 4 --seq 128 \
+        --steps "$steps" --warmup 2 --threads 2 --weights "$weights" | record "qv-r8-4x128-$weights"
+done
 echo "== decode/prefill: lowrank" >&2
 $bin bench train --model "$gguf" --corpus "$corpus" --steps 1 --warmup 0 --batch 1 --seq 32 >/dev/null  # (warms the page cache)
 $bin train --model "$gguf" --data data/dates/train.jsonl --output "$out/adapter-run" --max-steps 2 --batch-size 2 >/dev/null 2>&1
 $bin bench decode --model "$gguf" --adapter "$out/adapter-run/adapter" --threads 2 | record infer
+for weights in bf16 q8_0 q4_1; do
+    $bin bench decode --model "$gguf" --adapter "$out/adapter-run/adapter" --threads 2 --weights "$weights" | record infer
+done
 if [ $have_peft = 1 ]; then
     echo "== decode: PEFT" >&2
     "$py" "$shared/peft_bench.py" infer --model "$peft/models/smollm2-135m-hf" --adapter "$out/adapter-run/adapter" --threads 2 | record infer
@@ -71,11 +79,11 @@ for w in dict.fromkeys(r["workload"] for r in train):
             print(f"{w:16} {name:8} {fmt(r['tok_per_s_median'])!s:>8} {fmt(r['step_s_median'], 2):>7} {fmt(r['peak_rss_mib'], 0):>12} {fmt(r.get('model_gflops_per_s')):>8}")
     if lr and pf:
         print(f"{w:16} {'ratio':8} {lr['tok_per_s_median'] / pf['tok_per_s_median']:>7.2f}x {'':>7} {lr['peak_rss_mib'] / pf['peak_rss_mib']:>11.2f}x")
-print(f"\n{'inference':16} {'impl':8} {'decode tok/s':>12} {'prefill tok/s':>13}")
+print(f"\n{'inference':16} {'weights':8} {'impl':8} {'decode tok/s':>12} {'prefill tok/s':>13} {'peak RSS MiB':>12}")
 for r in rows:
     if r.get("bench") == "infer":
         impl = "lowrank" if r.get("impl") == "lowrank" else "PEFT"
-        print(f"{r['variant']:16} {impl:8} {fmt(r.get('decode_tok_per_s')):>12} {fmt(r.get('prefill_tok_per_s')):>13}")
+        print(f"{r['variant']:16} {r.get('weights', 'f32'):8} {impl:8} {fmt(r.get('decode_tok_per_s')):>12} {fmt(r.get('prefill_tok_per_s')):>13} {fmt(r.get('peak_rss_mib'), 0):>12}")
 for r in rows:
     if r.get("bench") == "sgemm":
         if r.get("impl", "").startswith("lowrank"):

@@ -107,7 +107,8 @@ pub fn train(p: &Pretrained, b: &TrainBench) -> Result<Value> {
     let flops = flops_per_token(&p.model, b.seq, adapter.num_params());
     Ok(json!({
         "bench": "train", "impl": "lowrank", "targets": b.targets, "r": b.r, "alpha": b.alpha, "dropout": b.dropout,
-        "batch": b.batch, "seq": b.seq, "gradient_checkpointing": p.model.gradient_checkpointing, "steps": b.steps, "warmup": b.warmup, "threads": rayon::current_num_threads(),
+        "batch": b.batch, "seq": b.seq, "gradient_checkpointing": p.model.gradient_checkpointing,
+        "weights": p.model.layers[0].linear[0].w.format().name(), "steps": b.steps, "warmup": b.warmup, "threads": rayon::current_num_threads(),
         "params_lora": adapter.num_params(), "step_s_median": med, "tok_per_s_median": tok_s,
         "model_gflops_per_s": flops * tok_s / 1e9, "loss_first": losses[0], "loss_last": losses[losses.len() - 1],
         "peak_rss_mib": peak_rss_mib(),
@@ -135,8 +136,9 @@ pub fn decode(p: &mut Pretrained, adapter: Option<&LoraAdapter>, new_tokens: usi
         .encode("<|im_start|>user\nExplain in a few sentences what a hash table is.<|im_end|>\n<|im_start|>assistant\n", false)?;
     let long: Vec<u32> = (0..prefill).map(|i| prompt[i % prompt.len()]).collect();
     let mut out = Vec::new();
+    let weights = p.model.layers[0].linear[0].w.format().name();
     let row = |variant: &str, (tg, _): (f64, f64), pp: f64| {
-        json!({"bench": "infer", "impl": "lowrank", "variant": variant, "threads": rayon::current_num_threads(),
+        json!({"bench": "infer", "impl": "lowrank", "variant": variant, "weights": weights, "threads": rayon::current_num_threads(),
                "new_tokens": new_tokens, "decode_tok_per_s": tg, "prefill_tokens": prefill, "prefill_tok_per_s": pp,
                "peak_rss_mib": peak_rss_mib()})
     };
