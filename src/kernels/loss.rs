@@ -2,11 +2,75 @@
 //! `[tokens × vocab]` logits: rows that carry a label are gathered and processed in chunks, each
 //! chunk's logits turned into dL/dlogits in place and multiplied straight back into dL/dhidden.
 
+use super::gemv::{self, Row};
 use super::matmul;
 use rayon::prelude::*;
 
 /// Rows of logits computed at once (chunk × vocab floats of scratch).
 const CHUNK_ROWS: usize = 64;
+
+/// Vocabulary rows of a compact head expanded to f32 at a time: the head is never whole in f32.
+const VOCAB_BLOCK: usize = 4096;
+
+/// The LM head `[vocab × dim]` times activations, for f32 or compact (bf16, Q8_0, Q4_1) heads.
+struct Head<'a> {
+    w: Row<'a>,
+    vocab: usize,
+    dim: usize,
+    /// f32 copy of one vocabulary block, and the matching columns of the logits.
+    block: Vec<f32>,
+    cols: Vec<f32>,
+}
+
+impl<'a> Head<'a> {
+    fn new(w: Row<'a>, vocab: usize, dim: usize) -> Self {
+        Head { w, vocab, dim, block: Vec::new(), cols: Vec::new() }
+    }
+
+    /// Vocabulary blocks as (first row, rows, f32 values).
+    fn for_each_block(&mut self, mut f: impl FnMut(usize, usize, &[f32], &mut Vec<f32>)) {
+        let (w, dim) = (self.w, self.dim);
+        if let Row::F32(all) = w {
+            return f(0, self.vocab, all, &mut self.cols);
+        }
+        for v0 in (0..self.vocab).step_by(VOCAB_BLOCK) {
+            let n = VOCAB_BLOCK.min(self.vocab - v0);
+            self.block.resize(n * dim, 0.0);
+            self.block.par_chunks_mut(16 * dim).enumerate().for_each(|(i, o)| gemv::dequantize(w, dim, v0 + 16 * i, o));
+            f(v0, n, &self.block, &mut self.cols);
+        }
+    }
+
+    /// `logits[c × vocab] = x[c × dim] · Wᵀ`.
+    fn logits(&mut self, x: &[f32], c: usize, logits: &mut [f32]) {
+        let (vocab, dim) = (self.vocab, self.dim);
+        self.for_each_block(|v0, n, wb, cols| {
+            if n == vocab {
+                return matmul(logits, x, false, wb, true, c, vocab, dim, 1.0, false);
+            }
+            cols.resize(c * n, 0.0);
+            matmul(cols, x, false, wb, true, c, n, dim, 1.0, false);
+            for (row, src) in logits.chunks_mut(vocab).zip(cols.chunks(n)) {
+                row[v0..v0 + n].copy_from_slice(src);
+            }
+        });
+    }
+
+    /// `dx[c × dim] = g[c × vocab] · W`.
+    fn backward(&mut self, g: &[f32], c: usize, dx: &mut [f32]) {
+        let (vocab, dim) = (self.vocab, self.dim);
+        self.for_each_block(|v0, n, wb, cols| {
+            if n == vocab {
+                return matmul(dx, g, false, wb, false, c, dim, vocab, 1.0, false);
+            }
+            cols.resize(c * n, 0.0);
+            for (dst, row) in cols.chunks_mut(n).zip(g.chunks(vocab)) {
+                dst.copy_from_slice(&row[v0..v0 + n]);
+            }
+            matmul(dx, cols, false, wb, false, c, dim, n, 1.0, v0 > 0);
+        });
+    }
+}
 
 /// Result of the fused head: the summed loss and the number of tokens it was summed over.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -25,18 +89,20 @@ impl LossSum {
     }
 }
 
-/// For hidden states `x` (`[tokens, dim]`), head weight `w` (`[vocab, dim]`) and one target per row
-/// (`None` = ignored, like label −100), returns the summed cross-entropy and, when `dx` is given,
-/// adds `grad_scale · dL/dx` to it (use `grad_scale = 1/count` for a mean loss).
+/// For hidden states `x` (`[tokens, dim]`), head weight `w` (`[vocab, dim]`, f32 or compact) and
+/// one target per row (`None` = ignored, like label −100), returns the summed cross-entropy and,
+/// when `dx` is given, adds `grad_scale · dL/dx` to it (use `grad_scale = 1/count` for a mean loss).
+#[allow(clippy::too_many_arguments)]
 pub fn lm_head_cross_entropy(
     x: &[f32],
-    w: &[f32],
+    w: Row,
+    vocab: usize,
     dim: usize,
     targets: &[Option<u32>],
     grad_scale: f32,
     mut dx: Option<&mut [f32]>,
 ) -> LossSum {
-    let vocab = w.len() / dim;
+    let mut head = Head::new(w, vocab, dim);
     assert_eq!(x.len(), targets.len() * dim);
     let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r].is_some()).collect();
     let mut total = LossSum { sum: 0.0, count: rows.len() };
@@ -49,7 +115,7 @@ pub fn lm_head_cross_entropy(
             xs[i * dim..(i + 1) * dim].copy_from_slice(&x[r * dim..(r + 1) * dim]);
         }
         let lg = &mut logits[..c * vocab];
-        matmul(lg, &xs[..c * dim], false, w, true, c, vocab, dim, 1.0, false);
+        head.logits(&xs[..c * dim], c, lg);
         // Each row: loss = logsumexp − logit[target]; gradient = softmax − onehot(target).
         let losses: Vec<f64> = lg
             .par_chunks_mut(vocab)
@@ -72,7 +138,7 @@ pub fn lm_head_cross_entropy(
         total.sum += losses.iter().sum::<f64>();
         if let Some(dx) = dx.as_deref_mut() {
             let d = &mut dxs[..c * dim];
-            matmul(d, lg, false, w, false, c, dim, vocab, 1.0, false);
+            head.backward(lg, c, d);
             for (i, &r) in chunk.iter().enumerate() {
                 for (o, &g) in dx[r * dim..(r + 1) * dim].iter_mut().zip(&d[i * dim..(i + 1) * dim]) {
                     *o += g;
@@ -107,7 +173,7 @@ mod tests {
         let targets: Vec<Option<u32>> = (0..rows).map(|r| if r % 4 == 3 { None } else { Some((r * 7 % vocab) as u32) }).collect();
         let n = targets.iter().flatten().count();
         let mut dx = vec![0.0; rows * dim];
-        let got = lm_head_cross_entropy(&x, &w, dim, &targets, 1.0 / n as f32, Some(&mut dx));
+        let got = lm_head_cross_entropy(&x, Row::F32(&w), vocab, dim, &targets, 1.0 / n as f32, Some(&mut dx));
         assert_eq!(got.count, n);
 
         let naive = |x: &[f32]| -> f64 {
@@ -124,6 +190,23 @@ mod tests {
         assert!((got.mean() - naive(&x)).abs() < 1e-5, "{} vs {}", got.mean(), naive(&x));
         check_directional("lm_head ce dx", &x, &dx, naive, 6);
         assert!(dx[3 * dim..4 * dim].iter().all(|&g| g == 0.0), "ignored rows get no gradient");
+    }
+
+    /// A compact head is processed in vocabulary blocks and gives what its f32 values give.
+    #[test]
+    fn compact_heads_match_their_f32_values() {
+        let mut rng = Rng::new(9);
+        let (rows, dim, vocab) = (70, 6, 2 * VOCAB_BLOCK + 100);
+        let x = randn(&mut rng, rows * dim, 1.0);
+        let bits: Vec<u16> = randn(&mut rng, vocab * dim, 0.3).iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        let w: Vec<f32> = bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+        let targets: Vec<Option<u32>> = (0..rows).map(|r| Some((r * 131 % vocab) as u32)).collect();
+        let (mut dx_f32, mut dx_bf16) = (vec![0.0; rows * dim], vec![0.0; rows * dim]);
+        let a = lm_head_cross_entropy(&x, Row::F32(&w), vocab, dim, &targets, 0.1, Some(&mut dx_f32));
+        let b = lm_head_cross_entropy(&x, Row::Bf16(&bits), vocab, dim, &targets, 0.1, Some(&mut dx_bf16));
+        assert!((a.sum - b.sum).abs() < 1e-4 * a.sum.abs(), "{} vs {}", a.sum, b.sum);
+        let err = dx_f32.iter().zip(&dx_bf16).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        assert!(err < 1e-5, "dx differs by {err}");
     }
 
     #[test]

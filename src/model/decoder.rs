@@ -721,7 +721,8 @@ impl DecoderModel {
     pub fn loss(&self, batch: &Batch, targets: &[Option<u32>], ad: &dyn LowRankSource) -> Result<LossSum> {
         self.check_tokens(batch)?;
         let (xf, ..) = self.trunk(batch, ad, None, self.config.num_layers);
-        Ok(self.head().with_f32(|w| lm_head_cross_entropy(&xf, w, self.config.hidden_size, targets, 0.0, None)))
+        let (head, c) = (self.head(), &self.config);
+        Ok(lm_head_cross_entropy(&xf, head.view(), c.vocab_size, c.hidden_size, targets, 0.0, None))
     }
 
     /// An empty KV cache for `batch` rows of up to `capacity` positions.
@@ -799,7 +800,7 @@ impl DecoderModel {
         let (xf, acts, h_last, rstd, ctx) = self.trunk(batch, ad, rng, lowest);
         let n = batch.tokens.len();
         let mut dxf = vec![0.0; n * c.hidden_size];
-        let loss = self.head().with_f32(|w| lm_head_cross_entropy(&xf, w, c.hidden_size, targets, grad_scale, Some(&mut dxf)));
+        let loss = lm_head_cross_entropy(&xf, self.head().view(), c.vocab_size, c.hidden_size, targets, grad_scale, Some(&mut dxf));
         let mut dh = vec![0.0; n * c.hidden_size];
         rmsnorm_backward(&dxf, &h_last, &self.norm, &rstd, &mut dh);
         for (i, kept) in acts.into_iter().enumerate().rev() {

@@ -140,7 +140,8 @@ impl FrozenMatrix {
         }
     }
 
-    fn view(&self) -> Row<'_> {
+    /// The stored values as the kernels take them.
+    pub fn view(&self) -> Row<'_> {
         match &self.data {
             Data::F32(w) => Row::F32(w),
             Data::Bf16(w) => Row::Bf16(w),
