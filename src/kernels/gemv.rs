@@ -290,11 +290,11 @@ pub fn gemv_parallel(w: Row, rows: usize, cols: usize, x: &[f32], m: usize, y: &
     }
 }
 
-/// The `[rows × cols]` matrix `w` as f32 into `out`, in parallel.
-pub fn dequantize_parallel(w: Row, rows: usize, cols: usize, out: &mut [f32]) {
+/// Rows `first..first + out.len()/cols` of the matrix `w` as f32 into `out`, in parallel.
+pub fn dequantize_parallel(w: Row, cols: usize, first: usize, out: &mut [f32]) {
     use rayon::prelude::*;
-    let chunk = rows_per_task(rows);
-    out.par_chunks_mut(chunk * cols).enumerate().for_each(|(c, o)| dequantize(w, cols, c * chunk, o));
+    let chunk = rows_per_task(out.len() / cols);
+    out.par_chunks_mut(chunk * cols).enumerate().for_each(|(c, o)| dequantize(w, cols, first + c * chunk, o));
 }
 
 /// Rows per parallel task: enough tasks to balance two to a few dozen threads, each a few KiB of

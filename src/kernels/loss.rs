@@ -36,7 +36,7 @@ impl<'a> Head<'a> {
         for v0 in (0..self.vocab).step_by(VOCAB_BLOCK) {
             let n = VOCAB_BLOCK.min(self.vocab - v0);
             self.block.resize(n * dim, 0.0);
-            self.block.par_chunks_mut(16 * dim).enumerate().for_each(|(i, o)| gemv::dequantize(w, dim, v0 + 16 * i, o));
+            gemv::dequantize_parallel(w, dim, v0, &mut self.block);
             f(v0, n, &self.block, &mut self.cols);
         }
     }

@@ -177,7 +177,7 @@ impl FrozenMatrix {
 
     /// All values as f32, in parallel.
     fn expand_into(&self, out: &mut [f32]) {
-        gemv::dequantize_parallel(self.view(), self.rows, self.cols, out);
+        gemv::dequantize_parallel(self.view(), self.cols, 0, out);
     }
 
     pub fn to_f32(&self) -> Vec<f32> {
