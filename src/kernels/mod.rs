@@ -5,6 +5,7 @@
 //! unless a function says otherwise; attention works on head-major `[batch, heads, seq, head_dim]`.
 
 pub mod activations;
+pub mod amx;
 pub mod attention;
 pub mod fastexp;
 pub mod gemv;

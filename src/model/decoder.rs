@@ -81,12 +81,12 @@ impl Linear {
 }
 
 /// `y[rows × w.rows] = x · Wᵀ`: a few rows (decoding) straight from the stored format, more
-/// (prefill, training) through the GEMM on W expanded to f32.
+/// (prefill, training) through a GEMM (`FrozenMatrix::matmul_t`).
 fn project(w: &FrozenMatrix, x: &[f32], rows: usize, y: &mut [f32]) {
     if rows <= DECODE_ROWS {
         w.gemv(x, rows, y, 1.0, false);
     } else {
-        w.with_f32(|wf| matmul(y, x, false, wf, true, rows, w.rows, w.cols, 1.0, false));
+        w.matmul_t(x, rows, y);
     }
 }
 
@@ -284,7 +284,7 @@ fn linear_backward(
     let (inf, outf) = (lin.in_features, lin.out_features);
     let mut dx = dx;
     if let Some(dx) = dx.as_deref_mut() {
-        lin.w.with_f32(|w| matmul(dx, dy, false, w, false, rows, inf, outf, 1.0, accumulate));
+        lin.w.matmul_back(dy, rows, dx, accumulate);
     }
     let (Some(lr), Some(acts)) = (lr, acts) else {
         return;
@@ -916,7 +916,9 @@ mod tests {
             for t in 4..seq.len() {
                 let logits = model.forward_step(&seq[t..t + 1], &[true], &mut cache, &NoAdapter).unwrap();
                 let err = max_diff(&logits, &full[t * v..(t + 1) * v]);
-                assert!(err < 1e-4, "{format:?} position {t}: decode vs full forward {err}");
+                // bf16 products on AMX round the activations too; the GEMV keeps them in f32.
+                let tolerance = if format == WeightFormat::Bf16 && crate::kernels::amx::available() { 1e-2 } else { 1e-4 };
+                assert!(err < tolerance, "{format:?} position {t}: decode vs full forward {err}");
             }
             let err = max_diff(&full, &reference);
             assert!(err > 0.0 && err < drift, "{format:?}: logits moved by {err} from f32");

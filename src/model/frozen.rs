@@ -1,9 +1,11 @@
 //! Frozen weight matrices, kept compact: f32, bf16, or 32-value blocks (Q8_0, Q4_1) as GGML
 //! quantizes them. Decoding multiplies the compact form directly (`gemv`); batched work (prefill,
 //! training) expands one matrix at a time into reused f32 scratch (`with_f32`), so a model in
-//! Q8_0 never holds more than one f32 matrix besides its activations.
+//! Q8_0 never holds more than one f32 matrix besides its activations. bf16 matrices on a CPU with
+//! AMX skip the expansion: their products run in bf16 on the tile unit (`kernels::amx`).
 
 use crate::kernels::gemv::{self, Row, BLOCK};
+use crate::kernels::{amx, matmul};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -205,6 +207,23 @@ impl FrozenMatrix {
             SCRATCH.set(buf);
         }
         result
+    }
+
+    /// `y[m × rows] = x[m × cols] · Wᵀ` for many rows (prefill, training): bf16 weights on AMX
+    /// tiles where the CPU has them, anything else through the f32 GEMM.
+    pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        match &self.data {
+            Data::Bf16(w) if amx::available() => amx::matmul_bf16(y, x, m, self.cols, amx::Weight::Nk(w), self.rows, 1.0, false),
+            _ => self.with_f32(|w| matmul(y, x, false, w, true, m, self.rows, self.cols, 1.0, false)),
+        }
+    }
+
+    /// `dx[m × cols] (+)= dy[m × rows] · W`: the input gradient of `y = x · Wᵀ`.
+    pub fn matmul_back(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) {
+        match &self.data {
+            Data::Bf16(w) if amx::available() => amx::matmul_bf16(dx, dy, m, self.rows, amx::Weight::Kn(w), self.cols, 1.0, accumulate),
+            _ => self.with_f32(|w| matmul(dx, dy, false, w, false, m, self.cols, self.rows, 1.0, accumulate)),
+        }
     }
 
     /// `y[m × rows] (+)= alpha · x[m × cols] · Wᵀ` straight from the stored format (decoding:
