@@ -287,6 +287,13 @@ unsafe fn interleave_16(a: &[u16], b: &[u16], out: &mut [u16]) {
 /// `*mut f32` that may cross to rayon workers: each task writes its own block of C.
 #[derive(Clone, Copy)]
 struct SharedC(*mut f32);
+
+impl SharedC {
+    /// A method, not a field access, so closures capture the whole `Sync` wrapper.
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
 // SAFETY: tasks write disjoint blocks (see `multiply`).
 unsafe impl Send for SharedC {}
 unsafe impl Sync for SharedC {}
@@ -301,7 +308,6 @@ fn multiply(c: &mut [f32], a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usi
     let (tasks_m, tasks_n) = (m_blocks.div_ceil(TASK_M), n_blocks.div_ceil(TASK_N));
     let shared = SharedC(c.as_mut_ptr());
     (0..tasks_m * tasks_n).into_par_iter().for_each(|task| {
-        let shared = shared;
         configure_tiles();
         let (tm, tn) = (task % tasks_m, task / tasks_m);
         let mut block = [0.0f32; MR * NR];
@@ -316,7 +322,7 @@ fn multiply(c: &mut [f32], a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usi
                 for (i, src) in block.chunks(NR).take(rows).enumerate() {
                     // SAFETY: row mb·32 + i < m and columns nb·32 .. +cols < n lie in `c`, and no
                     // other task has this (mb, nb) block.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(shared.0.add((mb * MR + i) * n + nb * NR), cols) };
+                    let dst = unsafe { std::slice::from_raw_parts_mut(shared.at((mb * MR + i) * n + nb * NR), cols) };
                     if accumulate {
                         dst.iter_mut().zip(src).for_each(|(d, s)| *d += alpha * s);
                     } else {
@@ -341,7 +347,9 @@ mod tests {
 
     #[test]
     fn rounding_matches_half() {
-        for x in [0.0f32, -0.0, 1.0, 1.00390625, 1.01171875, -3.14159, 1e-30, 6.5e4, 3.4e38] {
+        // 0x3F80_8000 and 0x3F81_8000 are halfway between two bf16 values (ties to even).
+        let ties = [f32::from_bits(0x3F80_8000), f32::from_bits(0x3F81_8000)];
+        for x in [0.0f32, -0.0, 1.0, ties[0], ties[1], -2.7, 1e-30, 6.5e4, 3.4e38] {
             assert_eq!(to_bf16(x), half::bf16::from_f32(x).to_bits(), "{x}");
         }
     }
