@@ -43,11 +43,18 @@ for w in "${workloads[@]}"; do
 done
 echo "== qv-r8-4x512 with --gradient-checkpointing: lowrank" >&2
 $bin bench train --model "$gguf" --corpus "$corpus" --targets q_proj,v_proj --r 8 --alpha 16 --batch 4 --seq 512 \
-    --steps "$steps" --warmup 2 --threads 2 --gradient-checkpointing | record qv-r8-4x512-ckpt
-for weights in bf16 q8_0 q4_1; do
+    --steps "$steps" --warmup 2 --threads 2 --gradient-checkpointing | record qv-r8-4x512
+# Compact bases: every workload on bf16 (the AMX path where the CPU has it), 4x128 also on Q8_0/Q4_1.
+for w in "${workloads[@]}"; do
+    IFS=: read -r name targets r alpha batch seq <<<"$w"
+    echo "== $name on a bf16 base: lowrank" >&2
+    $bin bench train --model "$gguf" --corpus "$corpus" --targets "$targets" --r "$r" --alpha "$alpha" \
+        --batch "$batch" --seq "$seq" --steps "$steps" --warmup 2 --threads 2 --weights bf16 | record "$name"
+done
+for weights in q8_0 q4_1; do
     echo "== qv-r8-4x128 on a $weights base: lowrank" >&2
     $bin bench train --model "$gguf" --corpus "$corpus" --targets q_proj,v_proj --r 8 --alpha 16 --batch 4 --seq 128 \
-        --steps "$steps" --warmup 2 --threads 2 --weights "$weights" | record "qv-r8-4x128-$weights"
+        --steps "$steps" --warmup 2 --threads 2 --weights "$weights" | record "qv-r8-4x128"
 done
 echo "== decode/prefill: lowrank" >&2
 $bin bench train --model "$gguf" --corpus "$corpus" --steps 1 --warmup 0 --batch 1 --seq 32 >/dev/null  # (warms the page cache)
@@ -69,16 +76,20 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 def fmt(x, d=1):
     return "-" if x is None else f"{x:.{d}f}"
-print(f"\n{'workload':16} {'impl':8} {'tok/s':>8} {'s/step':>7} {'peak RSS MiB':>12} {'GFLOP/s':>8}")
+# Each lowrank row (one per base weight format; PEFT is always f32) with its ratios to PEFT.
+print(f"\n{'workload':20} {'impl':8} {'weights':8} {'tok/s':>8} {'s/step':>7} {'peak RSS MiB':>12} {'GFLOP/s':>8} {'x PEFT tok/s':>12} {'x PEFT RSS':>10}")
 train = [r for r in rows if r.get("bench") == "train"]
 for w in dict.fromkeys(r["workload"] for r in train):
-    lr = next((r for r in train if r["workload"] == w and r.get("impl") == "lowrank"), None)
     pf = next((r for r in train if r["workload"] == w and r.get("impl") != "lowrank"), None)
-    for name, r in (("lowrank", lr), ("PEFT", pf)):
-        if r:
-            print(f"{w:16} {name:8} {fmt(r['tok_per_s_median'])!s:>8} {fmt(r['step_s_median'], 2):>7} {fmt(r['peak_rss_mib'], 0):>12} {fmt(r.get('model_gflops_per_s')):>8}")
-    if lr and pf:
-        print(f"{w:16} {'ratio':8} {lr['tok_per_s_median'] / pf['tok_per_s_median']:>7.2f}x {'':>7} {lr['peak_rss_mib'] / pf['peak_rss_mib']:>11.2f}x")
+    for r in [r for r in train if r["workload"] == w and r.get("impl") == "lowrank"] + ([pf] if pf else []):
+        name = "lowrank" if r.get("impl") == "lowrank" else "PEFT"
+        weights = r.get("weights", "f32")
+        if r.get("gradient_checkpointing"):
+            weights += "+ckpt"
+        ratios = ""
+        if pf and r is not pf:
+            ratios = f"{r['tok_per_s_median'] / pf['tok_per_s_median']:>11.2f}x {r['peak_rss_mib'] / pf['peak_rss_mib']:>9.2f}x"
+        print(f"{w:20} {name:8} {weights:8} {fmt(r['tok_per_s_median'])!s:>8} {fmt(r['step_s_median'], 2):>7} {fmt(r['peak_rss_mib'], 0):>12} {fmt(r.get('model_gflops_per_s')):>8} {ratios}")
 print(f"\n{'inference':16} {'weights':8} {'impl':8} {'decode tok/s':>12} {'prefill tok/s':>13} {'peak RSS MiB':>12}")
 for r in rows:
     if r.get("bench") == "infer":
@@ -88,6 +99,8 @@ for r in rows:
     if r.get("bench") == "sgemm":
         if r.get("impl", "").startswith("lowrank"):
             print(f"\nsgemm lowrank: {r['median_gflops']:.1f} GFLOP/s (2048³), {r['gflops_512x576x1536']:.1f} (512×576×1536)")
+            if r.get("bf16_amx_gflops_512x576x1536"):
+                print(f"bf16 on AMX lowrank: {r['bf16_amx_gflops_512x576x1536']:.1f} GFLOP/s (512×576×1536, weight repacked per call)")
         else:
             print(f"sgemm torch: {r['torch_median_gflops']:.1f} GFLOP/s (2048³), {r['torch_512x576x1536_gflops']:.1f} (512×576×1536); numpy {r['numpy_median_gflops']:.1f}")
 PY

@@ -178,6 +178,26 @@ pub fn gemm(n: usize, repeats: usize) -> Value {
     };
     let square = run(n, n, n);
     let step_shape = run(512, 576, 1536);
+    let bf16 = crate::kernels::amx::available().then(|| bf16_gemm(512, 576, 1536, repeats));
     json!({"bench": "sgemm", "impl": "lowrank (gemm crate)", "n": n, "threads": rayon::current_num_threads(),
-           "median_gflops": square, "gflops_512x576x1536": step_shape})
+           "median_gflops": square, "gflops_512x576x1536": step_shape, "bf16_amx_gflops_512x576x1536": bf16})
+}
+
+/// The bf16 product a bf16 base runs on AMX (`[m × k]` activations times a `[n × k]` weight,
+/// repacked per call as in training), GFLOP/s.
+fn bf16_gemm(m: usize, n: usize, k: usize, repeats: usize) -> f64 {
+    use crate::kernels::amx::{matmul_bf16, Weight};
+    let mut rng = Rng::new(1);
+    let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+    let w: Vec<u16> = (0..n * k).map(|_| half::bf16::from_f32(rng.normal()).to_bits()).collect();
+    let mut c = vec![0.0; m * n];
+    matmul_bf16(&mut c, &a, m, k, Weight::Nk(&w), n, 1.0, false);
+    let mut ts: Vec<f64> = (0..repeats.max(3))
+        .map(|_| {
+            let t = Instant::now();
+            matmul_bf16(&mut c, &a, m, k, Weight::Nk(&w), n, 1.0, false);
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    2.0 * (m * k * n) as f64 / median(&mut ts) / 1e9
 }

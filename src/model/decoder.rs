@@ -925,6 +925,34 @@ mod tests {
         }
     }
 
+    /// A bf16 base trains like the f32 model of the same (bf16-rounded) values. On AMX the
+    /// products round their activations to bf16 as well, which moves the loss and the adapter
+    /// gradients only slightly; without AMX the bf16 base runs the f32 path on the same values.
+    #[test]
+    fn bf16_base_gives_the_loss_and_gradients_of_its_values() {
+        let mut bf16_model = DecoderModel::random(tiny("llama", None), 12);
+        bf16_model.store_as(WeightFormat::Bf16);
+        let mut f32_model = DecoderModel::random(tiny("llama", None), 12);
+        f32_model.store_as(WeightFormat::Bf16);
+        f32_model.store_as(WeightFormat::F32);
+        let cfg = LoraConfig { target_modules: TargetModules::AllLinear, r: 4, ..Default::default() };
+        let mut adapter = LoraAdapter::new(cfg, &f32_model, 3).unwrap();
+        adapter.params.iter_mut().enumerate().for_each(|(i, p)| *p += 0.02 * (i % 7) as f32);
+        let batch = Batch::right_padded(&[vec![1, 5, 9, 14, 3, 7, 22, 40], vec![2, 8, 11, 30, 31]], 0).unwrap();
+        let targets: Vec<Option<u32>> = (0..16).map(|i| if batch.mask[i] { Some((i * 7 % 50) as u32) } else { None }).collect();
+        let run = |m: &DecoderModel| {
+            let mut g = vec![0.0; adapter.num_params()];
+            let l = m.loss_and_grads(&batch, &targets, &adapter, &mut g, 0.1, None).unwrap();
+            (l.mean(), g)
+        };
+        let ((l16, g16), (l32, g32)) = (run(&bf16_model), run(&f32_model));
+        let tolerance = if crate::kernels::amx::available() { 1e-2 } else { 1e-5 };
+        assert!((l16 - l32).abs() < tolerance * l32.abs(), "loss {l16} vs {l32}");
+        let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let diff: Vec<f32> = g16.iter().zip(&g32).map(|(a, b)| a - b).collect();
+        assert!(norm(&g32) > 0.0 && norm(&diff) < tolerance * norm(&g32), "gradients differ by {} of {}", norm(&diff), norm(&g32));
+    }
+
     /// Gradient checkpointing recomputes layers (with the same dropout masks) and gives the
     /// same loss and adapter gradients, so the adapter still trains.
     #[test]
