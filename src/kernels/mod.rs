@@ -7,6 +7,7 @@
 pub mod activations;
 pub mod amx;
 pub mod attention;
+pub mod dropout;
 pub mod fastexp;
 pub mod gemv;
 pub mod loss;

@@ -8,6 +8,7 @@ use super::config::DecoderConfig;
 use super::frozen::{FrozenMatrix, WeightFormat};
 use super::weights::{TensorStore, WeightSource};
 use crate::kernels::attention::{attention_backward, attention_forward, AttnShape};
+use crate::kernels::dropout::DropoutMask;
 use crate::kernels::loss::{lm_head_cross_entropy, LossSum};
 use crate::kernels::norm::{rmsnorm_apply, rmsnorm_backward, rmsnorm_forward};
 use crate::kernels::rope::{from_heads, inverse_frequencies, to_heads, HeadLayout, RopeAngles};
@@ -186,8 +187,8 @@ impl Batch {
 struct LowRankActs {
     /// drop(x)·Aᵀ, `[rows, r]`.
     u: Vec<f32>,
-    /// Dropout multipliers (0 or 1/(1−p)) per input element, when dropout was applied.
-    keep: Option<Vec<f32>>,
+    /// Which input elements dropout kept, when it was applied.
+    keep: Option<DropoutMask>,
 }
 
 /// What one pass over the layers needs besides weights: the attention shape (queries, keys,
@@ -253,13 +254,10 @@ fn linear_forward(lin: &Linear, lr: Option<LowRank>, x: &[f32], rows: usize, y: 
     lin.forward(x, rows, y);
     let lr = lr?;
     let keep = match rng {
-        Some(rng) if lr.dropout > 0.0 => {
-            let kept = 1.0 / (1.0 - lr.dropout);
-            Some((0..x.len()).map(|_| if rng.next_f32() < lr.dropout { 0.0 } else { kept }).collect::<Vec<f32>>())
-        }
+        Some(rng) if lr.dropout > 0.0 => Some(DropoutMask::sample(rng, x.len(), lr.dropout)),
         _ => None,
     };
-    let dropped: Option<Vec<f32>> = keep.as_ref().map(|k| x.iter().zip(k).map(|(a, b)| a * b).collect());
+    let dropped: Option<Vec<f32>> = keep.as_ref().map(|k| k.apply(x));
     let xd = dropped.as_deref().unwrap_or(x);
     let mut u = vec![0.0; rows * lr.r];
     matmul(&mut u, xd, false, lr.a, true, rows, lr.r, lin.in_features, 1.0, false);
@@ -295,7 +293,7 @@ fn linear_backward(
     let mut g = vec![0.0; rows * r];
     matmul(&mut g, dy, false, lr.b, false, rows, r, outf, 1.0, false);
     matmul(gb, dy, true, &acts.u, false, outf, r, rows, lr.scale, true);
-    let dropped: Option<Vec<f32>> = acts.keep.as_ref().map(|k| x.iter().zip(k).map(|(a, b)| a * b).collect());
+    let dropped: Option<Vec<f32>> = acts.keep.as_ref().map(|k| k.apply(x));
     matmul(ga, &g, true, dropped.as_deref().unwrap_or(x), false, r, inf, rows, lr.scale, true);
     if let Some(dx) = dx {
         match &acts.keep {
@@ -303,9 +301,8 @@ fn linear_backward(
             Some(keep) => {
                 let mut t = vec![0.0; rows * inf];
                 matmul(&mut t, &g, false, lr.a, false, rows, inf, r, lr.scale, false);
-                for ((d, t), k) in dx.iter_mut().zip(&t).zip(keep) {
-                    *d += t * k;
-                }
+                keep.apply_in_place(&mut t);
+                dx.iter_mut().zip(&t).for_each(|(d, t)| *d += t);
             }
         }
     }
