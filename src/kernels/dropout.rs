@@ -48,6 +48,7 @@ impl DropoutMask {
         self.len == 0
     }
 
+    #[cfg(test)]
     fn kept(&self, i: usize) -> bool {
         (self.bits[i / 64] >> (i % 64)) & 1 == 1
     }
