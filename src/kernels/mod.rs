@@ -5,7 +5,26 @@
 //! unless a function says otherwise; attention works on head-major `[batch, heads, seq, head_dim]`.
 
 pub mod activations;
+#[cfg(target_arch = "x86_64")]
 pub mod amx;
+/// Not x86-64: no AMX, so bf16 weights take the f32 path.
+#[cfg(not(target_arch = "x86_64"))]
+pub mod amx {
+    pub fn available() -> bool {
+        false
+    }
+
+    #[derive(Clone, Copy)]
+    pub enum Weight<'a> {
+        Nk(&'a [u16]),
+        Kn(&'a [u16]),
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_bf16(_: &mut [f32], _: &[f32], _: usize, _: usize, _: Weight, _: usize, _: f32, _: bool) {
+        unreachable!("matmul_bf16 without AMX: callers check available()")
+    }
+}
 pub mod attention;
 pub mod dropout;
 pub mod fastexp;
