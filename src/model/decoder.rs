@@ -597,12 +597,10 @@ impl DecoderModel {
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
         let lin = |k: ModuleKind| &layer.linear[k.index()];
         let lra = |k: ModuleKind| a.lowrank[k.index()].as_ref();
-        let mut xn2 = vec![0.0; n * d];
-        rmsnorm_apply(&a.h2, &layer.mlp_norm, &a.rstd2, &mut xn2);
+        // MLP: h3 = h2 + down(swiglu(gate(xn2), up(xn2))), xn2 = rmsnorm(h2). The [tokens ×
+        // intermediate] buffers are the largest of the step, so at most three live at once.
         let mut act = vec![0.0; n * inter];
         activations::swiglu_forward(&a.gate, &a.up, &mut act);
-
-        // MLP: h3 = h2 + down(swiglu(gate(xn2), up(xn2))), xn2 = rmsnorm(h2)
         let mut dact = vec![0.0; n * inter];
         linear_backward(
             lin(ModuleKind::Down),
@@ -615,8 +613,11 @@ impl DecoderModel {
             Some(&mut dact),
             false,
         );
-        let (mut dgate, mut dup) = (vec![0.0; n * inter], vec![0.0; n * inter]);
+        let (mut dgate, mut dup) = (vec![0.0; n * inter], act);
         activations::swiglu_backward(&a.gate, &a.up, &dact, &mut dgate, &mut dup);
+        drop(dact);
+        let mut xn2 = vec![0.0; n * d];
+        rmsnorm_apply(&a.h2, &layer.mlp_norm, &a.rstd2, &mut xn2);
         let mut dxn2 = vec![0.0; n * d];
         linear_backward(
             lin(ModuleKind::Gate),
