@@ -19,21 +19,20 @@ pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
     });
 }
 
-/// Overwrites `dgate` and `dup` with the gradients of `swiglu_forward` given `dout`.
+/// The gradients of `swiglu_forward`: `d` holds dL/dout on entry and dL/dgate on return (in place:
+/// these are the largest buffers of a training step); `dup` is overwritten with dL/dup.
 /// silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
-pub fn swiglu_backward(gate: &[f32], up: &[f32], dout: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
-    assert_eq!(gate.len(), dout.len());
-    dgate
-        .par_chunks_mut(CHUNK)
-        .zip(dup.par_chunks_mut(CHUNK))
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)).zip(dout.par_chunks(CHUNK)))
-        .for_each(|((dg, du), ((g, u), d))| {
+pub fn swiglu_backward(gate: &[f32], up: &[f32], d: &mut [f32], dup: &mut [f32]) {
+    assert_eq!(gate.len(), d.len());
+    d.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(
+        |((d, du), (g, u))| {
             for i in 0..g.len() {
                 let s = sigmoid(g[i]);
                 du[i] = d[i] * g[i] * s;
-                dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                d[i] *= u[i] * s * (1.0 + g[i] * (1.0 - s));
             }
-        });
+        },
+    );
 }
 
 #[cfg(test)]
@@ -47,8 +46,8 @@ mod tests {
         let mut rng = Rng::new(4);
         let n = 50;
         let (g, u, probe) = (randn(&mut rng, n, 2.0), randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
-        let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
-        swiglu_backward(&g, &u, &probe, &mut dg, &mut du);
+        let (mut dg, mut du) = (probe.clone(), vec![0.0; n]);
+        swiglu_backward(&g, &u, &mut dg, &mut du);
         let run = |g: &[f32], u: &[f32]| {
             let mut o = vec![0.0; n];
             swiglu_forward(g, u, &mut o);

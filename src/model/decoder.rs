@@ -598,7 +598,8 @@ impl DecoderModel {
         let lin = |k: ModuleKind| &layer.linear[k.index()];
         let lra = |k: ModuleKind| a.lowrank[k.index()].as_ref();
         // MLP: h3 = h2 + down(swiglu(gate(xn2), up(xn2))), xn2 = rmsnorm(h2). The [tokens ×
-        // intermediate] buffers are the largest of the step, so at most three live at once.
+        // intermediate] buffers are the largest of the step: two live at once (the SwiGLU output
+        // becomes dL/dup, dL/dact becomes dL/dgate).
         let mut act = vec![0.0; n * inter];
         activations::swiglu_forward(&a.gate, &a.up, &mut act);
         let mut dact = vec![0.0; n * inter];
@@ -613,9 +614,8 @@ impl DecoderModel {
             Some(&mut dact),
             false,
         );
-        let (mut dgate, mut dup) = (vec![0.0; n * inter], act);
-        activations::swiglu_backward(&a.gate, &a.up, &dact, &mut dgate, &mut dup);
-        drop(dact);
+        let (mut dgate, mut dup) = (dact, act);
+        activations::swiglu_backward(&a.gate, &a.up, &mut dgate, &mut dup);
         let mut xn2 = vec![0.0; n * d];
         rmsnorm_apply(&a.h2, &layer.mlp_norm, &a.rstd2, &mut xn2);
         let mut dxn2 = vec![0.0; n * d];
@@ -659,14 +659,20 @@ impl DecoderModel {
             Some(&mut dattn_tok),
             false,
         );
+        // Each buffer goes as soon as it is consumed (the backward's peak is the kept activations
+        // plus what one section holds).
+        drop(attn_tokens);
         let mut dattn = vec![0.0; n * qd];
         to_heads(&dattn_tok, &mut dattn, ql, None);
+        drop(dattn_tok);
         let (mut dq, mut dk, mut dv) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
         attention_backward(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &a.attn, &a.lse, &dattn, &mut dq, &mut dk, &mut dv);
+        drop(dattn);
         let (mut dq_tok, mut dk_tok, mut dv_tok) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
         from_heads(&dq, &mut dq_tok, ql, Some(&ctx.angles));
         from_heads(&dk, &mut dk_tok, kl, Some(&ctx.angles));
         from_heads(&dv, &mut dv_tok, kl, None);
+        drop((dq, dk, dv));
         let mut xn1 = vec![0.0; n * d];
         rmsnorm_apply(&a.x_in, &layer.attn_norm, &a.rstd1, &mut xn1);
         let mut dxn1 = if need_input_grad { vec![0.0; n * d] } else { Vec::new() };
