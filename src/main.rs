@@ -331,7 +331,7 @@ struct TrainArgs {
     /// Recompute each layer in the backward pass instead of keeping its activations.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     gradient_checkpointing: Option<bool>,
-    /// Keep the frozen base weights as f32, bf16, q8_0 or q4_1 (less memory; f32 is exact).
+    /// Keep the frozen base weights as f32, bf16, q8_0 or q4_1 (less memory; f32 is exact; bf16 trains ~2x faster on CPUs with AMX).
     #[arg(long)]
     weights: Option<String>,
 }
