@@ -159,45 +159,40 @@ pub fn decode(p: &mut Pretrained, adapter: Option<&LoraAdapter>, new_tokens: usi
     Ok(out)
 }
 
-/// f32 GEMM GFLOP/s: square n×n, and the 512×576×1536 shape of a LoRA training step.
+/// f32 GEMM GFLOP/s: square n×n, and the 512×576×1536 shape of a LoRA training step; where the
+/// CPU has AMX also the bf16 product a bf16 base runs (weight repacked per call, as in training).
 pub fn gemm(n: usize, repeats: usize) -> Value {
     let mut rng = Rng::new(0);
     let mut run = |m: usize, k: usize, nn: usize| {
         let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
         let b: Vec<f32> = (0..k * nn).map(|_| rng.normal()).collect();
         let mut c = vec![0.0; m * nn];
-        matmul(&mut c, &a, false, &b, false, m, nn, k, 1.0, false);
-        let mut ts: Vec<f64> = (0..repeats.max(3))
-            .map(|_| {
-                let t = Instant::now();
-                matmul(&mut c, &a, false, &b, false, m, nn, k, 1.0, false);
-                t.elapsed().as_secs_f64()
-            })
-            .collect();
-        2.0 * (m * k * nn) as f64 / median(&mut ts) / 1e9
+        gflops(m * k * nn, repeats, || matmul(&mut c, &a, false, &b, false, m, nn, k, 1.0, false))
     };
     let square = run(n, n, n);
     let step_shape = run(512, 576, 1536);
-    let bf16 = crate::kernels::amx::available().then(|| bf16_gemm(512, 576, 1536, repeats));
+    let bf16 = crate::kernels::amx::available().then(|| {
+        use crate::kernels::amx::{matmul_bf16, Weight};
+        let (m, nn, k) = (512, 576, 1536);
+        let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+        let w: Vec<u16> = (0..nn * k).map(|_| half::bf16::from_f32(rng.normal()).to_bits()).collect();
+        let mut c = vec![0.0; m * nn];
+        gflops(m * k * nn, repeats, || matmul_bf16(&mut c, &a, m, k, Weight::Nk(&w), nn, 1.0, false))
+    });
     json!({"bench": "sgemm", "impl": "lowrank (gemm crate)", "n": n, "threads": rayon::current_num_threads(),
            "median_gflops": square, "gflops_512x576x1536": step_shape, "bf16_amx_gflops_512x576x1536": bf16})
 }
 
-/// The bf16 product a bf16 base runs on AMX (`[m × k]` activations times a `[n × k]` weight,
-/// repacked per call as in training), GFLOP/s.
-fn bf16_gemm(m: usize, n: usize, k: usize, repeats: usize) -> f64 {
-    use crate::kernels::amx::{matmul_bf16, Weight};
-    let mut rng = Rng::new(1);
-    let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
-    let w: Vec<u16> = (0..n * k).map(|_| half::bf16::from_f32(rng.normal()).to_bits()).collect();
-    let mut c = vec![0.0; m * n];
-    matmul_bf16(&mut c, &a, m, k, Weight::Nk(&w), n, 1.0, false);
+/// GFLOP/s of `product` (`multiply_adds` of them), median over `repeats` timed runs after one
+/// untimed one.
+fn gflops(multiply_adds: usize, repeats: usize, mut product: impl FnMut()) -> f64 {
+    product();
     let mut ts: Vec<f64> = (0..repeats.max(3))
         .map(|_| {
             let t = Instant::now();
-            matmul_bf16(&mut c, &a, m, k, Weight::Nk(&w), n, 1.0, false);
+            product();
             t.elapsed().as_secs_f64()
         })
         .collect();
-    2.0 * (m * k * n) as f64 / median(&mut ts) / 1e9
+    2.0 * multiply_adds as f64 / median(&mut ts) / 1e9
 }

@@ -4,7 +4,7 @@
 
 use super::amx;
 use super::gemv::{self, Row};
-use super::matmul;
+use super::matmul::DenseWeight;
 use rayon::prelude::*;
 
 /// Rows of logits computed at once (chunk × vocab floats of scratch).
@@ -30,19 +30,19 @@ impl<'a> Head<'a> {
 
     /// Vocabulary blocks as (first row, rows, values): an f32 head whole, a bf16 head on a CPU
     /// with AMX as stored, any other head expanded to f32 one block at a time.
-    fn for_each_block(&mut self, mut f: impl FnMut(usize, usize, Block, &mut Vec<f32>)) {
+    fn for_each_block(&mut self, mut f: impl FnMut(usize, usize, DenseWeight, &mut Vec<f32>)) {
         let (w, dim) = (self.w, self.dim);
         if let Row::F32(all) = w {
-            return f(0, self.vocab, Block::F32(all), &mut self.cols);
+            return f(0, self.vocab, DenseWeight::F32(all), &mut self.cols);
         }
         for v0 in (0..self.vocab).step_by(VOCAB_BLOCK) {
             let n = VOCAB_BLOCK.min(self.vocab - v0);
             match w {
-                Row::Bf16(all) if amx::available() => f(v0, n, Block::Bf16(&all[v0 * dim..(v0 + n) * dim]), &mut self.cols),
+                Row::Bf16(all) if amx::available() => f(v0, n, DenseWeight::Bf16(&all[v0 * dim..(v0 + n) * dim]), &mut self.cols),
                 _ => {
                     self.block.resize(n * dim, 0.0);
                     gemv::dequantize_parallel(w, dim, v0, &mut self.block);
-                    f(v0, n, Block::F32(&self.block), &mut self.cols);
+                    f(v0, n, DenseWeight::F32(&self.block), &mut self.cols);
                 }
             }
         }
@@ -76,32 +76,6 @@ impl<'a> Head<'a> {
             }
             wb.backward(dx, cols, c, n, dim, v0 > 0);
         });
-    }
-}
-
-/// Rows of the head (`[n × dim]`) as the products take them.
-enum Block<'b> {
-    F32(&'b [f32]),
-    /// Multiplied on AMX tiles.
-    Bf16(&'b [u16]),
-}
-
-impl Block<'_> {
-    /// `out[c × n] = x[c × dim] · blockᵀ`.
-    fn forward(&self, out: &mut [f32], x: &[f32], c: usize, n: usize, dim: usize) {
-        match *self {
-            Block::F32(w) => matmul(out, x, false, w, true, c, n, dim, 1.0, false),
-            Block::Bf16(w) => amx::matmul_bf16(out, x, c, dim, amx::Weight::Nk(w), n, 1.0, false),
-        }
-    }
-
-    /// `dx[c × dim] (+)= g[c × n] · block`.
-    #[allow(clippy::too_many_arguments)]
-    fn backward(&self, dx: &mut [f32], g: &[f32], c: usize, n: usize, dim: usize, accumulate: bool) {
-        match *self {
-            Block::F32(w) => matmul(dx, g, false, w, false, c, dim, n, 1.0, accumulate),
-            Block::Bf16(w) => amx::matmul_bf16(dx, g, c, n, amx::Weight::Kn(w), dim, 1.0, accumulate),
-        }
     }
 }
 

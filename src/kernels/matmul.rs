@@ -55,6 +55,34 @@ pub fn matmul(c: &mut [f32], a: &[f32], a_t: bool, b: &[f32], b_t: bool, m: usiz
     }
 }
 
+/// A weight matrix `[rows × cols]` (a linear layer's `[out, in]`) in a form the products take:
+/// f32 through `matmul`, or bf16 on AMX tiles (`amx::matmul_bf16`; construct it only when
+/// `amx::available()`).
+#[derive(Clone, Copy)]
+pub enum DenseWeight<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl DenseWeight<'_> {
+    /// `y[m × rows] = x[m × cols] · Wᵀ`.
+    pub fn forward(self, y: &mut [f32], x: &[f32], m: usize, rows: usize, cols: usize) {
+        match self {
+            DenseWeight::F32(w) => matmul(y, x, false, w, true, m, rows, cols, 1.0, false),
+            DenseWeight::Bf16(w) => super::amx::matmul_bf16(y, x, m, cols, super::amx::Weight::Nk(w), rows, 1.0, false),
+        }
+    }
+
+    /// `dx[m × cols] (+)= dy[m × rows] · W`: the input gradient of `forward`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(self, dx: &mut [f32], dy: &[f32], m: usize, rows: usize, cols: usize, accumulate: bool) {
+        match self {
+            DenseWeight::F32(w) => matmul(dx, dy, false, w, false, m, cols, rows, 1.0, accumulate),
+            DenseWeight::Bf16(w) => super::amx::matmul_bf16(dx, dy, m, rows, super::amx::Weight::Kn(w), cols, 1.0, accumulate),
+        }
+    }
+}
+
 /// Straightforward reference used by tests.
 #[cfg(test)]
 #[allow(clippy::too_many_arguments)]

@@ -4,8 +4,9 @@
 //! Q8_0 never holds more than one f32 matrix besides its activations. bf16 matrices on a CPU with
 //! AMX skip the expansion: their products run in bf16 on the tile unit (`kernels::amx`).
 
+use crate::kernels::amx;
 use crate::kernels::gemv::{self, Row, BLOCK};
-use crate::kernels::{amx, matmul};
+use crate::kernels::matmul::DenseWeight;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -209,21 +210,23 @@ impl FrozenMatrix {
         result
     }
 
-    /// `y[m × rows] = x[m × cols] · Wᵀ` for many rows (prefill, training): bf16 weights on AMX
-    /// tiles where the CPU has them, anything else through the f32 GEMM.
-    pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32]) {
+    /// The matrix as the GEMMs take it: bf16 as stored where the CPU has AMX, anything else as
+    /// f32 (expanded into scratch when compact).
+    fn with_dense<R>(&self, f: impl FnOnce(DenseWeight) -> R) -> R {
         match &self.data {
-            Data::Bf16(w) if amx::available() => amx::matmul_bf16(y, x, m, self.cols, amx::Weight::Nk(w), self.rows, 1.0, false),
-            _ => self.with_f32(|w| matmul(y, x, false, w, true, m, self.rows, self.cols, 1.0, false)),
+            Data::Bf16(w) if amx::available() => f(DenseWeight::Bf16(w)),
+            _ => self.with_f32(|w| f(DenseWeight::F32(w))),
         }
+    }
+
+    /// `y[m × rows] = x[m × cols] · Wᵀ` for many rows (prefill, training).
+    pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        self.with_dense(|w| w.forward(y, x, m, self.rows, self.cols))
     }
 
     /// `dx[m × cols] (+)= dy[m × rows] · W`: the input gradient of `y = x · Wᵀ`.
     pub fn matmul_back(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) {
-        match &self.data {
-            Data::Bf16(w) if amx::available() => amx::matmul_bf16(dx, dy, m, self.rows, amx::Weight::Kn(w), self.cols, 1.0, accumulate),
-            _ => self.with_f32(|w| matmul(dx, dy, false, w, false, m, self.cols, self.rows, 1.0, accumulate)),
-        }
+        self.with_dense(|w| w.backward(dx, dy, m, self.rows, self.cols, accumulate))
     }
 
     /// `y[m × rows] (+)= alpha · x[m × cols] · Wᵀ` straight from the stored format (decoding:
