@@ -55,7 +55,12 @@ pub struct TrainBench<'a> {
 
 /// LoRA training throughput on fixed-length blocks of the corpus (labels = inputs).
 pub fn train(p: &Pretrained, b: &TrainBench) -> Result<Value> {
-    let text = std::fs::read_to_string(b.corpus)?;
+    use crate::limits::{check_count, MAX_STEPS};
+    check_count("--batch", b.batch, 1, 1 << 16)?;
+    check_count("--seq", b.seq, 2, p.model.config.max_position_embeddings)?;
+    check_count("--steps", b.steps, 1, MAX_STEPS)?;
+    check_count("--warmup", b.warmup, 0, MAX_STEPS)?;
+    let text = crate::io::read_input_text(b.corpus, "corpus")?;
     let eos = p.tokenizer.eos_id.unwrap_or(0);
     let need = (b.warmup + b.steps) * b.batch;
     let mut ids: Vec<u32> = Vec::new();
@@ -117,7 +122,7 @@ pub fn train(p: &Pretrained, b: &TrainBench) -> Result<Value> {
 
 /// Decode tokens/s after a prompt, and prefill tokens/s, for one adapter source.
 fn decode_speed(model: &DecoderModel, ad: &dyn LowRankSource, prompt: &[u32], new_tokens: usize) -> Result<(f64, f64)> {
-    let mut cache = model.new_cache(1, prompt.len() + new_tokens + 1);
+    let mut cache = model.new_cache(1, prompt.len() + new_tokens + 1)?;
     let t = Instant::now();
     let mut logits = model.forward_step(prompt, &vec![true; prompt.len()], &mut cache, ad)?;
     let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
@@ -131,6 +136,9 @@ fn decode_speed(model: &DecoderModel, ad: &dyn LowRankSource, prompt: &[u32], ne
 
 /// Decode speed (tg) for base, unmerged and merged adapter, and prefill speed (pp) at `prefill` tokens.
 pub fn decode(p: &mut Pretrained, adapter: Option<&LoraAdapter>, new_tokens: usize, prefill: usize) -> Result<Vec<Value>> {
+    let context = p.model.config.max_position_embeddings;
+    crate::limits::check_count("--prefill", prefill, 1, context)?;
+    crate::limits::check_count("--new-tokens", new_tokens, 1, context.saturating_sub(64))?;
     let prompt = p
         .tokenizer
         .encode("<|im_start|>user\nExplain in a few sentences what a hash table is.<|im_end|>\n<|im_start|>assistant\n", false)?;
@@ -161,7 +169,9 @@ pub fn decode(p: &mut Pretrained, adapter: Option<&LoraAdapter>, new_tokens: usi
 
 /// f32 GEMM GFLOP/s: square n×n, and the 512×576×1536 shape of a LoRA training step; where the
 /// CPU has AMX also the bf16 product a bf16 base runs (weight repacked per call, as in training).
-pub fn gemm(n: usize, repeats: usize) -> Value {
+pub fn gemm(n: usize, repeats: usize) -> Result<Value> {
+    crate::limits::check_count("--n", n, 1, 1 << 14)?;
+    crate::limits::check_count("--repeats", repeats, 1, 10_000)?;
     let mut rng = Rng::new(0);
     let mut run = |m: usize, k: usize, nn: usize| {
         let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
@@ -179,8 +189,8 @@ pub fn gemm(n: usize, repeats: usize) -> Value {
         let mut c = vec![0.0; m * nn];
         gflops(m * k * nn, repeats, || matmul_bf16(&mut c, &a, m, k, Weight::Nk(&w), nn, 1.0, false))
     });
-    json!({"bench": "sgemm", "impl": "lowrank (gemm crate)", "n": n, "threads": rayon::current_num_threads(),
-           "median_gflops": square, "gflops_512x576x1536": step_shape, "bf16_amx_gflops_512x576x1536": bf16})
+    Ok(json!({"bench": "sgemm", "impl": "lowrank (gemm crate)", "n": n, "threads": rayon::current_num_threads(),
+           "median_gflops": square, "gflops_512x576x1536": step_shape, "bf16_amx_gflops_512x576x1536": bf16}))
 }
 
 /// GFLOP/s of `product` (`multiply_adds` of them), median over `repeats` timed runs after one

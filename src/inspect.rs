@@ -9,11 +9,30 @@ use anyhow::{bail, Result};
 use std::fmt::Write;
 use std::path::Path;
 
+/// Bytes of the regular files under `path` (itself a file or a directory). Symbolic links are
+/// not followed into directories (a link loop would never end), and the walk stops at depth 8.
 fn size_on_disk(path: &Path) -> u64 {
-    if path.is_file() {
-        return path.metadata().map(|m| m.len()).unwrap_or(0);
+    fn walk(dir: &Path, depth: usize) -> u64 {
+        if depth > 8 {
+            return 0;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+        entries
+            .filter_map(|e| e.ok())
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&e.path(), depth + 1),
+                Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+                // A link counts when it leads to a regular file; links to directories are skipped.
+                Ok(t) if t.is_symlink() => std::fs::metadata(e.path()).ok().filter(|m| m.is_file()).map_or(0, |m| m.len()),
+                _ => 0,
+            })
+            .sum()
     }
-    std::fs::read_dir(path).map(|d| d.filter_map(|e| e.ok()).map(|e| size_on_disk(&e.path())).sum()).unwrap_or(0)
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(m) if m.is_dir() => walk(path, 0),
+        _ => 0,
+    }
 }
 
 fn mib(b: u64) -> String {
@@ -40,8 +59,13 @@ fn describe_lora(out: &mut String, c: &LoraConfig) {
 /// A report on a Hugging Face model directory, a PEFT adapter directory or a GGUF file.
 pub fn inspect(path: &Path) -> Result<String> {
     let mut out = String::new();
-    if !path.exists() {
-        bail!("{} does not exist", path.display());
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{} does not exist", path.display()),
+        Err(e) => bail!("{}: {e}", path.display()),
+    };
+    if !meta.is_dir() && !meta.is_file() {
+        bail!("{} is not a regular file or a directory (a FIFO, socket or device)", path.display());
     }
     let size = size_on_disk(path);
     if path.is_dir() && path.join(lora::peft::CONFIG_FILE).exists() {

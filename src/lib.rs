@@ -10,6 +10,7 @@ pub mod infer;
 pub mod inspect;
 pub mod io;
 pub mod kernels;
+pub mod limits;
 pub mod lora;
 pub mod model;
 pub mod plot;

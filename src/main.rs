@@ -1,6 +1,6 @@
 //! The `lowrank` command line: train, evaluate, preview data and generate. No math lives here.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lowrank::data::{make_sequences, read_jsonl, ChatTemplate, Encoder, Format, Message};
@@ -70,17 +70,17 @@ struct InferArgs {
     /// Merge the active adapter into the weights instead of applying it on the fly.
     #[arg(long)]
     merged: bool,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 256)]
     max_new_tokens: usize,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     temperature: f32,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     top_p: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     repetition_penalty: f32,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     seed: u64,
     /// Stop when this text appears (repeatable).
     #[arg(long)]
@@ -96,10 +96,7 @@ impl InferArgs {
                 Some((n, r)) => (n.to_string(), r),
                 None => ("default".to_string(), spec.as_str()),
             };
-            let (path, scale) = match rest.rsplit_once('@') {
-                Some((pth, sc)) if sc.parse::<f32>().is_ok() => (pth, sc.parse::<f32>().unwrap()),
-                _ => (rest, 1.0),
-            };
+            let (path, scale) = split_weight(rest, "--adapter")?;
             let a = lowrank::lora::peft::load(path.as_ref(), &p.model)?;
             set.add(&name, a, scale)?;
         }
@@ -138,10 +135,14 @@ struct MergeArgs {
     #[arg(long)]
     adapter: PathBuf,
     /// Scale of the adapter's update.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     scale: f32,
+    /// Directory to write (refused if it holds anything, unless --overwrite).
     #[arg(long)]
     output: PathBuf,
+    /// Replace the output directory's contents (only once the new ones are written).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -150,8 +151,12 @@ struct ExportArgs {
     model: PathBuf,
     #[arg(long)]
     adapter: PathBuf,
+    /// File to write (refused if it exists, unless --overwrite).
     #[arg(long)]
     output: PathBuf,
+    /// Replace an existing output file.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -164,8 +169,12 @@ struct CombineArgs {
     /// linear or cat.
     #[arg(long, default_value = "cat")]
     combination: String,
+    /// Adapter directory to write (refused if it holds anything, unless --overwrite).
     #[arg(long)]
     output: PathBuf,
+    /// Replace the output directory's contents (only once the new ones are written).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Subcommand)]
@@ -178,21 +187,21 @@ enum BenchCommand {
         corpus: PathBuf,
         #[arg(long, default_value = "q_proj,v_proj")]
         targets: String,
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 8)]
         r: usize,
-        #[arg(long, default_value_t = 16.0)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 16.0)]
         alpha: f32,
-        #[arg(long, default_value_t = 0.05)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 0.05)]
         dropout: f32,
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 4)]
         batch: usize,
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 128)]
         seq: usize,
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 10)]
         steps: usize,
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 2)]
         warmup: usize,
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 2)]
         threads: usize,
         #[arg(long)]
         gradient_checkpointing: bool,
@@ -206,11 +215,11 @@ enum BenchCommand {
         model: PathBuf,
         #[arg(long)]
         adapter: Option<PathBuf>,
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 128)]
         new_tokens: usize,
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 512)]
         prefill: usize,
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 2)]
         threads: usize,
         /// Base weights as f32, bf16, q8_0 or q4_1.
         #[arg(long, default_value = "f32", value_parser = WeightFormat::parse)]
@@ -218,11 +227,11 @@ enum BenchCommand {
     },
     /// f32 GEMM GFLOP/s.
     Gemm {
-        #[arg(long, default_value_t = 2048)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 2048)]
         n: usize,
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 10)]
         repeats: usize,
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = 2)]
         threads: usize,
     },
 }
@@ -255,7 +264,7 @@ struct TrainArgs {
     #[arg(long)]
     eval_data: Option<PathBuf>,
     /// Hold out this fraction of the training data for eval.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     eval_fraction: Option<f64>,
     /// Data format: text, prompt-completion, alpaca or messages (default: detected per line).
     #[arg(long)]
@@ -270,13 +279,13 @@ struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     packing: Option<bool>,
     /// LoRA rank r.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     rank: Option<usize>,
     /// LoRA alpha (scale = alpha / r).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     alpha: Option<f32>,
     /// Dropout on the LoRA input.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     dropout: Option<f32>,
     /// Target modules: comma-separated names (q_proj,v_proj), "all-linear" or re:REGEX.
     #[arg(long)]
@@ -285,49 +294,53 @@ struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     rslora: Option<bool>,
     /// Sequences per micro-batch.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     batch_size: Option<usize>,
     /// Micro-batches per optimizer step.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     grad_accum: Option<usize>,
     /// Maximum tokens per sequence (longer examples are truncated and counted).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     seq_len: Option<usize>,
     /// Peak learning rate.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     warmup_steps: Option<usize>,
     /// linear, cosine, constant or constant_with_warmup.
     #[arg(long)]
     schedule: Option<String>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     weight_decay: Option<f64>,
     /// Clip the global gradient norm to this.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     max_grad_norm: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     epochs: Option<f64>,
     /// Stop after this many optimizer steps (overrides --epochs).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     max_steps: Option<usize>,
     /// Evaluate every N steps (and at the end).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     eval_every: Option<usize>,
     /// Write a checkpoint every N steps.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     save_every: Option<usize>,
     /// Checkpoints to keep.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     keep_checkpoints: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
     /// Worker threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     threads: Option<usize>,
     /// Continue from a checkpoint directory (…/checkpoints/step-N).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Replace what a non-empty output directory holds (it is cleared once the model and data
+    /// have loaded). Without it, a new run refuses a non-empty output directory.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    overwrite: Option<bool>,
     /// Recompute each layer in the backward pass instead of keeping its activations.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     gradient_checkpointing: Option<bool>,
@@ -341,7 +354,7 @@ impl TrainArgs {
     fn resolve(self) -> Result<TrainConfig> {
         let file: TrainArgs = match &self.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                let text = lowrank::io::read_input_text(p, "settings file")?;
                 toml::from_str(&text).with_context(|| format!("in {}", p.display()))?
             }
             None => TrainArgs::default(),
@@ -383,6 +396,7 @@ impl TrainArgs {
             seed: pick!(seed),
             threads: pick!(threads),
             resume: self.resume.or(file.resume),
+            overwrite: pick!(overwrite),
             gradient_checkpointing: pick!(gradient_checkpointing),
             weights: pick!(weights),
         };
@@ -406,14 +420,14 @@ struct EvalArgs {
     format: Option<String>,
     #[arg(long)]
     train_on_inputs: bool,
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 2048)]
     seq_len: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 8)]
     batch_size: usize,
     /// Also generate greedy answers and report exact-match accuracy.
     #[arg(long)]
     exact_match: bool,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 64)]
     max_new_tokens: usize,
     /// Print every generated answer (with --exact-match).
     #[arg(long)]
@@ -433,10 +447,10 @@ struct PreviewArgs {
     format: Option<String>,
     #[arg(long)]
     train_on_inputs: bool,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 512)]
     seq_len: usize,
     /// Examples to show.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 3)]
     limit: usize,
 }
 
@@ -502,10 +516,24 @@ impl Progress for Bar {
     }
 }
 
-fn set_threads(n: usize) {
+/// `PATH@WEIGHT` → (PATH, WEIGHT), or (spec, 1) without a weight. A weight must be a finite number.
+fn split_weight<'a>(spec: &'a str, flag: &str) -> Result<(&'a str, f32)> {
+    match spec.rsplit_once('@') {
+        Some((path, w)) if !path.is_empty() => {
+            let w: f32 = w.parse().with_context(|| format!("{flag} {spec:?}: the weight after @ must be a number, got {w:?}"))?;
+            lowrank::limits::check(&format!("{flag} {spec:?}: the weight"), w as f64, lowrank::limits::Allowed::Closed(-1e6, 1e6))?;
+            Ok((path, w))
+        }
+        _ => Ok((spec, 1.0)),
+    }
+}
+
+fn set_threads(n: usize) -> Result<()> {
+    lowrank::limits::check_count("threads (0 = all cores)", n, 0, lowrank::limits::MAX_THREADS)?;
     if n > 0 {
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     }
+    Ok(())
 }
 
 fn load_adapter(p: &Pretrained, path: &Option<PathBuf>) -> Result<Option<LoraAdapter>> {
@@ -514,7 +542,8 @@ fn load_adapter(p: &Pretrained, path: &Option<PathBuf>) -> Result<Option<LoraAda
 
 fn cmd_train(args: TrainArgs) -> Result<()> {
     let cfg = args.resolve()?;
-    set_threads(cfg.threads);
+    cfg.validate()?;
+    set_threads(cfg.threads)?;
     ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
             eprintln!("\nsecond interrupt: exiting without a checkpoint");
@@ -559,7 +588,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let (records, _) = read_jsonl(&a.data, format, false)?;
     let t = &p.tokenizer;
     let template = p.chat_template()?;
-    let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: a.train_on_inputs };
+    lowrank::limits::check_count("--seq-len", a.seq_len, 2, p.model.config.max_position_embeddings)?;
+    lowrank::limits::check_count("--batch-size", a.batch_size, 1, 1 << 16)?;
+    let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: a.train_on_inputs, max_tokens: a.seq_len };
     let examples: Vec<_> = records
         .iter()
         .enumerate()
@@ -596,7 +627,8 @@ fn cmd_preview(a: PreviewArgs) -> Result<()> {
     let (records, _) = read_jsonl(&a.data, format, false)?;
     let t = &p.tokenizer;
     let template = p.chat_template()?;
-    let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: a.train_on_inputs };
+    lowrank::limits::check_count("--seq-len", a.seq_len, 1, p.model.config.max_position_embeddings)?;
+    let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: a.train_on_inputs, max_tokens: a.seq_len };
     println!("Tokens in [brackets] are masked (label -100); the rest train. '|' separates tokens.\n");
     for (i, r) in records.iter().take(a.limit).enumerate() {
         let e = enc.encode(r).with_context(|| format!("{}: example {}", a.data.display(), i + 1))?;
@@ -703,15 +735,26 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
 }
 
 fn cmd_merge(a: MergeArgs) -> Result<()> {
+    lowrank::limits::check("--scale", a.scale as f64, lowrank::limits::Allowed::Closed(-1e6, 1e6))?;
+    lowrank::io::check_output_apart(&a.output, &[&a.model, &a.adapter])?;
+    if !a.overwrite {
+        lowrank::io::prepare_output_dir(&a.output, false)?;
+    }
     let mut p = Pretrained::load(&a.model)?;
     let adapter = lowrank::lora::peft::load(&a.adapter, &p.model)?;
     merge(&mut p.model, &adapter, a.scale);
-    lowrank::model::export::save_hf_dir(&p.model, Some(&p.tokenizer), &a.output)?;
+    lowrank::io::write_dir_atomically(&a.output, a.overwrite, |dir| {
+        lowrank::model::export::save_hf_dir(&p.model, Some(&p.tokenizer), dir)
+    })?;
     println!("merged {} into {} → {}", a.adapter.display(), a.model.display(), a.output.display());
     Ok(())
 }
 
 fn cmd_export_gguf(a: ExportArgs) -> Result<()> {
+    lowrank::io::check_output_apart(&a.output, &[&a.model, &a.adapter])?;
+    if !a.overwrite && std::fs::symlink_metadata(&a.output).is_ok() {
+        bail!("the output {} already exists; pass --overwrite to replace it", a.output.display());
+    }
     let p = Pretrained::load(&a.model)?;
     let adapter = lowrank::lora::peft::load(&a.adapter, &p.model)?;
     let bytes = lowrank::lora::gguf_export::to_gguf(&adapter, &p.model.config)?;
@@ -721,18 +764,22 @@ fn cmd_export_gguf(a: ExportArgs) -> Result<()> {
 }
 
 fn cmd_combine(a: CombineArgs) -> Result<()> {
+    let specs: Vec<(&str, f32)> = a.adapter.iter().map(|s| split_weight(s, "--adapter")).collect::<Result<_>>()?;
+    let mut inputs: Vec<&std::path::Path> = specs.iter().map(|(p, _)| std::path::Path::new(*p)).collect();
+    inputs.push(&a.model);
+    lowrank::io::check_output_apart(&a.output, &inputs)?;
+    if !a.overwrite {
+        lowrank::io::prepare_output_dir(&a.output, false)?;
+    }
+    let combination = Combination::parse(&a.combination)?;
     let p = Pretrained::load(&a.model)?;
     let mut loaded = Vec::new();
-    for spec in &a.adapter {
-        let (path, w) = match spec.rsplit_once('@') {
-            Some((pth, w)) => (pth, w.parse::<f32>().with_context(|| format!("bad weight in {spec:?}"))?),
-            None => (spec.as_str(), 1.0),
-        };
+    for (path, w) in specs {
         loaded.push((lowrank::lora::peft::load(path.as_ref(), &p.model)?, w));
     }
     let refs: Vec<(&LoraAdapter, f32)> = loaded.iter().map(|(a, w)| (a, *w)).collect();
-    let out = add_weighted(&p.model, &refs, Combination::parse(&a.combination)?)?;
-    lowrank::lora::peft::save(&out, &a.output)?;
+    let out = add_weighted(&p.model, &refs, combination)?;
+    lowrank::io::write_dir_atomically(&a.output, a.overwrite, |dir| lowrank::lora::peft::save(&out, dir))?;
     println!("wrote {} (r={})", a.output.display(), out.config.r);
     Ok(())
 }
@@ -754,7 +801,7 @@ fn cmd_bench(c: BenchCommand) -> Result<()> {
             gradient_checkpointing,
             weights,
         } => {
-            set_threads(threads);
+            set_threads(threads)?;
             let mut p = Pretrained::load_as(&model, weights)?;
             p.model.gradient_checkpointing = gradient_checkpointing;
             vec![lowrank::bench::train(
@@ -763,14 +810,14 @@ fn cmd_bench(c: BenchCommand) -> Result<()> {
             )?]
         }
         BenchCommand::Decode { model, adapter, new_tokens, prefill, threads, weights } => {
-            set_threads(threads);
+            set_threads(threads)?;
             let mut p = Pretrained::load_as(&model, weights)?;
             let a = load_adapter(&p, &adapter)?;
             lowrank::bench::decode(&mut p, a.as_ref(), new_tokens, prefill)?
         }
         BenchCommand::Gemm { n, repeats, threads } => {
-            set_threads(threads);
-            vec![lowrank::bench::gemm(n, repeats)]
+            set_threads(threads)?;
+            vec![lowrank::bench::gemm(n, repeats)?]
         }
     };
     for r in results {

@@ -22,10 +22,12 @@ impl Pretrained {
 
     /// As `load`, with the frozen weights stored in `format`.
     pub fn load_as(path: &Path, format: WeightFormat) -> Result<Self> {
-        if !path.exists() {
-            bail!("model path {} does not exist", path.display());
-        }
-        let (model, tokenizer) = if path.is_dir() {
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("model path {} does not exist", path.display()),
+            Err(e) => return Err(e).with_context(|| format!("model path {}", path.display())),
+        };
+        let (model, tokenizer) = if meta.is_dir() {
             let model = DecoderModel::from_hf_dir_as(path, format)?;
             let tokenizer = Tokenizer::from_hf_dir(path)?;
             (model, tokenizer)
@@ -49,7 +51,11 @@ impl Pretrained {
     /// The model's chat template, ready to render (None when the model has none).
     pub fn chat_template(&self) -> Result<Option<ChatTemplate>> {
         let t = &self.tokenizer;
-        t.chat_template.as_deref().map(|s| ChatTemplate::new(s, &t.bos_token, &t.eos_token)).transpose()
+        let origin = format!("the chat template of {}", self.path.display());
+        t.chat_template
+            .as_deref()
+            .map(|s| Ok(ChatTemplate::new(s, &t.bos_token, &t.eos_token).with_context(|| origin.clone())?.with_origin(&origin)))
+            .transpose()
     }
 
     /// Token ids that end generation: EOS and, for chat models, the end-of-turn token.

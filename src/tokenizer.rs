@@ -18,6 +18,11 @@ pub struct Tokenizer {
     /// Whether plain text gets a BOS token prepended (`add_bos_token`).
     pub add_bos: bool,
     pub chat_template: Option<String>,
+    max_token_bytes: usize,
+}
+
+fn longest_token(inner: &tokenizers::Tokenizer) -> usize {
+    inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1)
 }
 
 /// The regex of llama 3's pre-tokenizer (`tokenizer.ggml.pre` = llama-bpe).
@@ -87,11 +92,12 @@ impl Tokenizer {
     /// present, chat_template.jinja (which transformers 5 writes instead of the config key).
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
+        let text = crate::io::read_input_text(&path, "tokenizer")?;
+        let inner: tokenizers::Tokenizer = text.parse().map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(t) => serde_json::from_str(&t).with_context(|| format!("parsing {}", cfg_path.display()))?,
-            Err(_) => json!({}),
+        let cfg: Value = match crate::io::read_optional_text(&cfg_path, "tokenizer config")? {
+            Some(t) => serde_json::from_str(&t).with_context(|| format!("parsing {}", cfg_path.display()))?,
+            None => json!({}),
         };
         let mut chat_template = match cfg.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
@@ -102,11 +108,12 @@ impl Tokenizer {
                 .map(str::to_string),
             _ => None,
         };
-        if let Ok(t) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
+        if let Some(t) = crate::io::read_optional_text(&dir.join("chat_template.jinja"), "chat template")? {
             chat_template = Some(t);
         }
-        let model_cfg: Value =
-            std::fs::read_to_string(dir.join("config.json")).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(json!({}));
+        let model_cfg: Value = crate::io::read_optional_text(&dir.join("config.json"), "model config")?
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(json!({}));
         let id_of = |key: &str| -> (String, Option<u32>) {
             let tok = cfg.get(key).and_then(token_content);
             let id = tok.as_deref().and_then(|t| inner.token_to_id(t)).or_else(|| {
@@ -123,6 +130,7 @@ impl Tokenizer {
         let (bos_token, bos_id) = id_of("bos_token");
         let (eos_token, eos_id) = id_of("eos_token");
         Ok(Tokenizer {
+            max_token_bytes: longest_token(&inner),
             inner,
             bos_id,
             eos_id,
@@ -224,6 +232,7 @@ impl Tokenizer {
         let inner: tokenizers::Tokenizer =
             spec.to_string().parse().map_err(|e| anyhow!("building the tokenizer from GGUF metadata: {e}"))?;
         Ok(Tokenizer {
+            max_token_bytes: longest_token(&inner),
             inner,
             bos_id,
             eos_id,
@@ -255,6 +264,12 @@ impl Tokenizer {
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+
+    /// The most bytes of text one token can stand for (the longest entry of the vocabulary: a
+    /// byte-level or SentencePiece token's string is never shorter than the text it covers).
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     pub fn vocab_size(&self) -> usize {

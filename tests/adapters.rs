@@ -258,7 +258,7 @@ fn peft_trained_smollm2_adapter_gives_peft_loss() {
     let p = common::smollm2_model();
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/interop.json")).unwrap()).unwrap();
     let adapter = lora::peft::load(&fixture("smollm2/peft_adapter"), &p.model).unwrap();
-    let enc = lowrank::data::Encoder { tokenizer: &p.tokenizer, template: None, train_on_inputs: false };
+    let enc = lowrank::data::Encoder { tokenizer: &p.tokenizer, template: None, train_on_inputs: false, max_tokens: usize::MAX };
     let examples: Vec<_> = reference["eval_texts"]
         .as_array()
         .unwrap()

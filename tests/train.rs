@@ -15,7 +15,7 @@ fn trained_text(record: &str, train_on_inputs: bool) -> (String, String) {
     let p = smollm2_model();
     let t = &p.tokenizer;
     let template = ChatTemplate::new(t.chat_template.as_deref().unwrap(), &t.bos_token, &t.eos_token).unwrap();
-    let enc = Encoder { tokenizer: t, template: Some(&template), train_on_inputs };
+    let enc = Encoder { tokenizer: t, template: Some(&template), train_on_inputs, max_tokens: usize::MAX };
     let e = enc.encode(&parse_record(record, None).unwrap()).unwrap();
     let pick = |want: bool| -> String {
         let ids: Vec<u32> = e.ids.iter().zip(&e.train).filter(|(_, &tr)| tr == want).map(|(&i, _)| i).collect();

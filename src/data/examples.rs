@@ -25,6 +25,8 @@ pub fn alpaca_prompt(record: &Record) -> String {
 pub struct Example {
     pub ids: Vec<u32>,
     pub train: Vec<bool>,
+    /// The text was cut before tokenizing because it held more tokens than can be kept.
+    pub clipped: bool,
 }
 
 impl Example {
@@ -33,18 +35,39 @@ impl Example {
     }
 }
 
+/// Tokens kept of one example in packing mode (where examples are not cut to --seq-len).
+pub const MAX_PACKED_EXAMPLE_TOKENS: usize = 1 << 20;
+
 /// How records become tokens.
 pub struct Encoder<'a> {
     pub tokenizer: &'a Tokenizer,
     pub template: Option<&'a ChatTemplate>,
     /// Train on prompt / user tokens as well, not only on completions and assistant turns.
     pub train_on_inputs: bool,
+    /// Tokens that will be kept of each example (its sequence length): text beyond what that
+    /// many tokens can cover is never tokenized.
+    pub max_tokens: usize,
 }
 
 impl Encoder<'_> {
+    /// `text` cut to what `max_tokens` tokens can cover (no token spans more bytes than the
+    /// vocabulary's longest token), at a character boundary; and whether it was cut.
+    fn clip<'t>(&self, text: &'t str) -> (&'t str, bool) {
+        let budget = self.max_tokens.saturating_mul(self.tokenizer.max_token_bytes()).saturating_add(16);
+        if text.len() <= budget {
+            return (text, false);
+        }
+        let mut end = budget;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        (&text[..end], true)
+    }
+
     /// `text` tokenized (with BOS if the tokenizer adds one) followed by EOS, where tokens
     /// that hold bytes at or past `trained_from` train.
     fn prompt_then_completion(&self, text: &str, trained_from: usize) -> Result<Example> {
+        let (text, clipped) = self.clip(text);
         let (mut ids, offsets) = self.tokenizer.encode_with_offsets(text, true)?;
         // A token trains when it carries any completion byte (a BOS has the empty range 0..0).
         let mut train: Vec<bool> = offsets.iter().map(|&(s, e)| self.train_on_inputs || (e > trained_from && e > s)).collect();
@@ -52,7 +75,7 @@ impl Encoder<'_> {
             ids.push(eos);
             train.push(true);
         }
-        Ok(Example { ids, train })
+        Ok(Example { ids, train, clipped })
     }
 
     pub fn encode(&self, record: &Record) -> Result<Example> {
@@ -66,9 +89,10 @@ impl Encoder<'_> {
             Record::Messages(msgs) => {
                 let Some(t) = self.template else { bail!("the model has no chat template, so \"messages\" data cannot be rendered") };
                 let (text, spans) = t.render_with_assistant_spans(msgs)?;
-                let (ids, offsets) = self.tokenizer.encode_with_offsets(&text, false)?;
+                let (text, clipped) = self.clip(&text);
+                let (ids, offsets) = self.tokenizer.encode_with_offsets(text, false)?;
                 let train = offsets.iter().map(|&(s, e)| self.train_on_inputs || spans.iter().any(|&(a, b)| e > a && s < b)).collect();
-                Ok(Example { ids, train })
+                Ok(Example { ids, train, clipped })
             }
         }
     }
@@ -104,6 +128,7 @@ pub fn make_sequences(examples: &[Example], seq_len: usize, packing: bool) -> Re
     if packing {
         let (mut ids, mut train) = (Vec::new(), Vec::new());
         for e in examples {
+            stats.truncated += usize::from(e.clipped);
             ids.extend(&e.ids);
             train.extend(&e.train);
         }
@@ -116,7 +141,7 @@ pub fn make_sequences(examples: &[Example], seq_len: usize, packing: bool) -> Re
         }
     } else {
         for e in examples {
-            if e.ids.len() > seq_len {
+            if e.ids.len() > seq_len || e.clipped {
                 stats.truncated += 1;
             }
             let n = e.ids.len().min(seq_len);

@@ -56,6 +56,23 @@ impl Loader {
         &self.order
     }
 
+    /// Trained tokens (targets) of the next `batches` micro-batches from `cursor`, without
+    /// building them.
+    pub fn trained_tokens_ahead(&mut self, mut cursor: Cursor, batches: usize) -> usize {
+        let mut total = 0;
+        for _ in 0..batches {
+            if cursor.index >= self.sequences.len() {
+                cursor = Cursor { epoch: cursor.epoch + 1, index: 0 };
+            }
+            let end = (cursor.index + self.batch_size).min(self.sequences.len());
+            let order = self.order_for(cursor.epoch);
+            let idx: Vec<usize> = order[cursor.index..end].to_vec();
+            total += idx.iter().map(|&i| self.sequences[i].train.iter().skip(1).filter(|&&t| t).count()).sum::<usize>();
+            cursor.index = end;
+        }
+        total
+    }
+
     /// The next micro-batch, advancing `cursor` (into the next epoch at the end of one).
     pub fn next_batch(&mut self, cursor: &mut Cursor) -> Vec<Sequence> {
         if cursor.index >= self.sequences.len() {

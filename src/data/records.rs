@@ -111,25 +111,40 @@ pub fn parse_record(line: &str, format: Option<Format>) -> Result<Record> {
     })
 }
 
+/// The longest JSONL line read (a longer one is an error naming its line, not an allocation).
+pub const MAX_LINE_BYTES: u64 = 256 << 20;
+
 /// Records of a JSONL file and the number of lines skipped. A bad line is an error naming
-/// `file:line`, or with `skip_bad` is skipped and counted. Blank lines are ignored.
+/// `file:line`, or with `skip_bad` is skipped and counted. Blank lines are ignored, and so is a
+/// UTF-8 byte-order mark at the start of the file. The file is read line by line, so nothing
+/// but the records themselves is held in memory.
 pub fn read_jsonl(path: &Path, format: Option<Format>, skip_bad: bool) -> Result<(Vec<Record>, usize)> {
-    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let text = String::from_utf8(text)
-        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text (byte {})", path.display(), e.utf8_error().valid_up_to()))?;
+    use std::io::{BufRead, Read};
+    let file = crate::io::open_input(path, "data file")?;
+    let mut reader = std::io::BufReader::new(file);
     let mut records = Vec::new();
     let mut skipped = 0;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+    let mut buf = Vec::new();
+    for number in 1.. {
+        buf.clear();
+        let n =
+            (&mut reader).take(MAX_LINE_BYTES + 1).read_until(b'\n', &mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
         }
-        match parse_record(line, format) {
+        if n as u64 > MAX_LINE_BYTES {
+            bail!("{}:{number}: the line is longer than {} MiB", path.display(), MAX_LINE_BYTES >> 20);
+        }
+        let bytes = if number == 1 { buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&buf) } else { &buf[..] };
+        let parsed = match std::str::from_utf8(bytes) {
+            Ok(line) if line.trim().is_empty() => continue,
+            Ok(line) => parse_record(line, format),
+            Err(e) => Err(anyhow::anyhow!("not UTF-8 text (byte {} of the line)", e.valid_up_to() + 1)),
+        };
+        match parsed {
             Ok(r) => records.push(r),
-            Err(e) if skip_bad => {
-                skipped += 1;
-                let _ = e;
-            }
-            Err(e) => bail!("{}:{}: {e:#}", path.display(), i + 1),
+            Err(_) if skip_bad => skipped += 1,
+            Err(e) => bail!("{}:{number}: {e:#}", path.display()),
         }
     }
     if records.is_empty() {
@@ -169,6 +184,12 @@ mod tests {
         assert_eq!((recs.len(), skipped), (2, 1));
         std::fs::write(&p, "\n\n").unwrap();
         assert!(format!("{:#}", read_jsonl(&p, None, false).unwrap_err()).contains("no examples"));
+        // A byte-order mark is not part of the first record; bad UTF-8 names its line.
+        std::fs::write(&p, "\u{FEFF}{\"text\":\"bom\"}\r\n{\"text\":\"two\"}\n").unwrap();
+        assert_eq!(read_jsonl(&p, None, false).unwrap().0, vec![Record::Text("bom".into()), Record::Text("two".into())]);
+        std::fs::write(&p, b"{\"text\":\"ok\"}\n{\"text\":\"\xff\"}\n").unwrap();
+        let e = format!("{:#}", read_jsonl(&p, None, false).unwrap_err());
+        assert!(e.contains(":2: not UTF-8"), "{e}");
         std::fs::remove_file(&p).unwrap();
     }
 }

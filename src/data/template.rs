@@ -21,11 +21,36 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// Where the template came from, for messages ("the chat template of models/x.gguf").
+    origin: String,
+}
+
+/// Collects a render's output up to `limit` bytes; past it, writing fails and the render stops.
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + b.len() > self.limit {
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.bytes.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl ChatTemplate {
+    /// A template from `source`. Templates are programs from strangers: each render runs under an
+    /// execution budget (minijinja's fuel) and an output limit (`limits`), so none can hang or
+    /// fill the memory with output.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
         let mut env = Environment::new();
+        env.set_fuel(Some(crate::limits::TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -35,18 +60,37 @@ impl ChatTemplate {
             fmt.replace("%Y", "2026").replace("%m", "01").replace("%d", "01").replace("%B", "January").replace("%b", "Jan")
         });
         env.add_template_owned("chat", source.to_string()).map_err(|e| anyhow!("invalid chat template: {e}"))?;
-        Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into(), origin: "the chat template".into() })
+    }
+
+    /// Names where the template came from in error messages.
+    pub fn with_origin(mut self, origin: &str) -> Self {
+        self.origin = origin.to_string();
+        self
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let t = self.env.get_template("chat").expect("added in new");
-        t.render(context! {
+        let limit = crate::limits::MAX_TEMPLATE_OUTPUT;
+        let mut out = BoundedOutput { bytes: Vec::new(), limit };
+        let ctx = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
-        })
-        .map_err(|e| anyhow!("rendering the chat template: {e}"))
+        };
+        match t.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.bytes).map_err(|_| anyhow!("{} rendered text that is not UTF-8", self.origin)),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => bail!(
+                "{} ran past its execution budget of {} steps (a template that loops without end?)",
+                self.origin,
+                crate::limits::TEMPLATE_FUEL
+            ),
+            Err(e) if e.kind() == ErrorKind::WriteFailure => {
+                bail!("{}'s output exceeds {}", self.origin, crate::limits::human_bytes(limit as u128))
+            }
+            Err(e) => bail!("rendering {}: {e}", self.origin),
+        }
     }
 
     /// The rendered conversation and, for each assistant message, the byte range of the text it
@@ -100,5 +144,23 @@ mod tests {
         assert_eq!(t.render(&[Message::new("user", "  hi ")], false).unwrap(), "  HI\n");
         let e = t.render(&[Message::new("bad", "x")], false).unwrap_err().to_string();
         assert!(e.contains("no bad roles"), "{e}");
+    }
+
+    #[test]
+    fn hostile_templates_stop_at_their_budget() {
+        let msgs = [Message::new("user", "hi")];
+        let loops = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "", "")
+            .unwrap()
+            .with_origin("the chat template of m.gguf");
+        let e = loops.render(&msgs, false).unwrap_err().to_string();
+        assert!(e.contains("the chat template of m.gguf") && e.contains("execution budget"), "{e}");
+        let grows = ChatTemplate::new(
+            "{% set ns = namespace(s='xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx') %}{% for i in range(24) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{% for i in range(100) %}{{ ns.s }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let e = grows.render(&msgs, false).unwrap_err().to_string();
+        assert!(e.contains("output exceeds 64.0 MiB"), "{e}");
     }
 }

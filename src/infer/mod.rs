@@ -26,6 +26,17 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
+impl SamplingParams {
+    /// Every setting finite and in its range (the error names the flag and the range).
+    pub fn validate(&self) -> Result<()> {
+        use crate::limits::{check, Allowed};
+        check("temperature", self.temperature as f64, Allowed::NonNegative)?;
+        check("top-p", self.top_p as f64, Allowed::LeftOpen(0.0, 1.0))?;
+        check("repetition-penalty", self.repetition_penalty as f64, Allowed::Positive)?;
+        Ok(())
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
@@ -104,7 +115,8 @@ pub fn generate(
     }
     let b = prompts.len();
     let plen = prompts.iter().map(Vec::len).max().unwrap();
-    let capacity = plen + params.max_new_tokens;
+    params.sampling.validate()?;
+    let capacity = plen.saturating_add(params.max_new_tokens);
     if capacity > model.config.max_position_embeddings {
         bail!(
             "prompt of {plen} tokens + {} new tokens exceeds the model's context of {}",
@@ -112,7 +124,7 @@ pub fn generate(
             model.config.max_position_embeddings
         );
     }
-    let mut cache = model.new_cache(b, capacity);
+    let mut cache = model.new_cache(b, capacity)?;
     let mut tokens = Vec::with_capacity(b * plen);
     let mut mask = Vec::with_capacity(b * plen);
     for p in prompts {

@@ -5,7 +5,7 @@
 use super::config::LoraConfig;
 use crate::model::decoder::{DecoderModel, LowRank, LowRankSource, ModuleKind};
 use crate::rng::Rng;
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraModule {
@@ -51,7 +51,23 @@ impl LoraAdapter {
         let selected = config.select(&names)?;
         let mut modules = Vec::with_capacity(selected.len());
         let mut slots = vec![[None; 7]; model.config.num_layers];
-        let mut offset = 0;
+        let mut offset = 0usize;
+        for s in &selected {
+            let (_, _, _, inf, outf) = candidates.iter().find(|c| c.0 == s.name).expect("selected from candidates");
+            let most = (*inf).min(*outf);
+            if s.r > most {
+                bail!("LoRA rank {} for {} exceeds the module's dimensions ({inf} in, {outf} out): r must be at most {most}", s.r, s.name);
+            }
+        }
+        let total: u128 = selected
+            .iter()
+            .map(|s| {
+                let (_, _, _, inf, outf) = candidates.iter().find(|c| c.0 == s.name).expect("selected from candidates");
+                s.r as u128 * (*inf + *outf) as u128
+            })
+            .sum();
+        // The weights, and during training their gradients and two optimizer moments.
+        crate::limits::ensure_memory(4 * total, &format!("an adapter of {total} parameters"))?;
         for s in selected {
             let (_, layer, kind, in_features, out_features) =
                 candidates.iter().find(|c| c.0 == s.name).cloned().expect("selected from candidates");

@@ -115,9 +115,22 @@ pub fn add_weighted(model: &DecoderModel, adapters: &[(&LoraAdapter, f32)], how:
     let mut config = first.config.clone();
     config.r = new_rank;
     config.lora_alpha = new_rank as f32;
-    config.target_modules = TargetModules::Names(names);
     config.rank_pattern.clear();
     config.alpha_pattern.clear();
+    if how == Combination::Cat {
+        // A module's rank is the sum of the ranks it has in the adapters that hold it, which
+        // differs from r when some adapter lacks the module or has a rank_pattern for it: such
+        // modules get their own rank (and alpha = rank, so every scale stays 1) by exact name.
+        for name in &names {
+            let r: usize = adapters.iter().filter_map(|(a, _)| a.modules.iter().find(|m| &m.name == name)).map(|m| m.r).sum();
+            if r != new_rank {
+                let key = regex::escape(name);
+                config.rank_pattern.push((key.clone(), r));
+                config.alpha_pattern.push((key, r as f32));
+            }
+        }
+    }
+    config.target_modules = TargetModules::Names(names);
     let mut out = LoraAdapter::zeros(config, model)?;
     for i in 0..out.modules.len() {
         let t = out.modules[i].clone();

@@ -162,8 +162,9 @@ impl LoraConfig {
         if self.r == 0 {
             bail!("LoRA rank r must be at least 1");
         }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            bail!("lora_dropout must be in [0, 1), got {}", self.lora_dropout);
+        crate::limits::check("lora_dropout", self.lora_dropout as f64, crate::limits::Allowed::RightOpen(0.0, 1.0))?;
+        if !self.lora_alpha.is_finite() || self.alpha_pattern.iter().any(|(_, a)| !a.is_finite()) {
+            bail!("lora_alpha and alpha_pattern values must be finite numbers");
         }
         let short_names = || {
             let mut s: Vec<&str> = candidates.iter().filter_map(|c| c.rsplit('.').next()).collect();
@@ -254,39 +255,88 @@ impl LoraConfig {
             Value::Array(a) if a.iter().all(|x| x.as_str() == Some("layers")) => {}
             other => bail!("layers_pattern {other} is not supported (only the default \"layers\")"),
         }
-        let r = get("r").as_u64().context("adapter_config.json: missing integer \"r\"")? as usize;
+        // Every field is checked for its type: a wrong type is an error naming the field, never
+        // a silent default (null counts as absent, as PEFT writes unset fields).
+        let number = |k: &str| -> Result<Option<f64>> {
+            match get(k) {
+                Value::Null => Ok(None),
+                x => x.as_f64().map(Some).with_context(|| format!("adapter_config.json: \"{k}\" must be a number, found {x}")),
+            }
+        };
+        let flag = |k: &str| -> Result<Option<bool>> {
+            match get(k) {
+                Value::Null => Ok(None),
+                x => x.as_bool().map(Some).with_context(|| format!("adapter_config.json: \"{k}\" must be true or false, found {x}")),
+            }
+        };
+        let text = |k: &str| -> Result<Option<String>> {
+            match get(k) {
+                Value::Null => Ok(None),
+                x => x
+                    .as_str()
+                    .map(|t| Some(t.to_string()))
+                    .with_context(|| format!("adapter_config.json: \"{k}\" must be a string, found {x}")),
+            }
+        };
+        let rank = |what: &str, x: &Value| -> Result<usize> {
+            match x.as_u64() {
+                Some(r) if r >= 1 => Ok(usize::try_from(r).unwrap_or(usize::MAX)),
+                _ => bail!("adapter_config.json: {what} must be an integer >= 1, found {x}"),
+            }
+        };
+        let alpha = |what: &str, x: f64| -> Result<f32> {
+            if !x.is_finite() || !(x as f32).is_finite() {
+                bail!("adapter_config.json: {what} must be a finite number, found {x}");
+            }
+            Ok(x as f32)
+        };
+        let r = match get("r") {
+            Value::Null => bail!("adapter_config.json: missing \"r\""),
+            x => rank("\"r\"", x)?,
+        };
         let layers_to_transform = match get("layers_to_transform") {
             Value::Null => None,
             Value::Number(n) => Some(vec![n.as_u64().context("layers_to_transform: expected a non-negative integer")? as usize]),
             Value::Array(a) => Some(
                 a.iter()
-                    .map(|x| x.as_u64().map(|x| x as usize).context("layers_to_transform: expected integers"))
+                    .map(|x| x.as_u64().map(|x| x as usize).context("layers_to_transform: expected non-negative integers"))
                     .collect::<Result<_>>()?,
             ),
             _ => bail!("layers_to_transform: expected an integer or a list"),
         };
-        let pattern = |k: &str| -> Result<Vec<(String, f64)>> {
+        let pattern = |k: &str| -> Result<Vec<(String, Value)>> {
             match get(k) {
                 Value::Null => Ok(vec![]),
-                Value::Object(m) => {
-                    m.iter().map(|(p, x)| Ok((p.clone(), x.as_f64().with_context(|| format!("{k}[{p}]: expected a number"))?))).collect()
-                }
-                _ => bail!("{k}: expected an object"),
+                Value::Object(m) => Ok(m.iter().map(|(p, x)| (p.clone(), x.clone())).collect()),
+                x => bail!("adapter_config.json: \"{k}\" must be an object, found {x}"),
             }
         };
+        let rank_pattern = pattern("rank_pattern")?
+            .into_iter()
+            .map(|(p, x)| Ok((p.clone(), rank(&format!("rank_pattern[{p:?}]"), &x)?)))
+            .collect::<Result<_>>()?;
+        let alpha_pattern = pattern("alpha_pattern")?
+            .into_iter()
+            .map(|(p, x)| {
+                let v = x.as_f64().with_context(|| format!("adapter_config.json: alpha_pattern[{p:?}] must be a number, found {x}"))?;
+                Ok((p.clone(), alpha(&format!("alpha_pattern[{p:?}]"), v)?))
+            })
+            .collect::<Result<_>>()?;
+        let lora_dropout = number("lora_dropout")?.unwrap_or(0.0);
+        crate::limits::check("adapter_config.json: lora_dropout", lora_dropout, crate::limits::Allowed::RightOpen(0.0, 1.0))?;
         Ok(LoraConfig {
             r,
-            lora_alpha: get("lora_alpha").as_f64().unwrap_or(8.0) as f32,
-            lora_dropout: get("lora_dropout").as_f64().unwrap_or(0.0) as f32,
+            lora_alpha: alpha("lora_alpha", number("lora_alpha")?.unwrap_or(8.0))?,
+            lora_dropout: lora_dropout as f32,
             target_modules: TargetModules::from_json(get("target_modules"), "target_modules")?
                 .context("adapter_config.json: missing \"target_modules\"")?,
             exclude_modules: TargetModules::from_json(get("exclude_modules"), "exclude_modules")?,
-            use_rslora: get("use_rslora").as_bool().unwrap_or(false),
+            use_rslora: flag("use_rslora")?.unwrap_or(false),
             layers_to_transform,
-            rank_pattern: pattern("rank_pattern")?.into_iter().map(|(p, x)| (p, x as usize)).collect(),
-            alpha_pattern: pattern("alpha_pattern")?.into_iter().map(|(p, x)| (p, x as f32)).collect(),
-            task_type: get("task_type").as_str().unwrap_or("CAUSAL_LM").to_string(),
-            base_model_name_or_path: get("base_model_name_or_path").as_str().map(str::to_string),
+            rank_pattern,
+            alpha_pattern,
+            task_type: text("task_type")?.unwrap_or_else(|| "CAUSAL_LM".into()),
+            base_model_name_or_path: text("base_model_name_or_path")?,
         })
     }
 

@@ -30,16 +30,28 @@ pub fn save(adapter: &LoraAdapter, dir: &Path) -> Result<()> {
 /// Reads the LoRA configuration of a PEFT adapter directory.
 pub fn read_config(dir: &Path) -> Result<LoraConfig> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::io::read_input_text(&path, "adapter config")?;
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     LoraConfig::from_peft_json(&v).with_context(|| format!("in {}", path.display()))
 }
 
 /// Loads a PEFT adapter for `model`, checking every tensor's shape against the base model.
 pub fn load(dir: &Path, model: &DecoderModel) -> Result<LoraAdapter> {
-    if !dir.is_dir() {
-        bail!("adapter directory {} does not exist", dir.display());
+    if std::fs::metadata(dir).is_ok_and(|m| m.is_file()) {
+        let gguf = std::fs::File::open(dir).ok().and_then(|mut f| {
+            let mut magic = [0u8; 4];
+            std::io::Read::read_exact(&mut f, &mut magic).ok().map(|_| &magic == b"GGUF")
+        });
+        if gguf == Some(true) {
+            bail!(
+                "{} is a GGUF adapter (llama.cpp's format); lowrank loads adapters from PEFT directories \
+                 (adapter_config.json + adapter_model.safetensors), such as the ones `lowrank train` writes",
+                dir.display()
+            );
+        }
+        bail!("{} is a file; an adapter is a PEFT directory (adapter_config.json + adapter_model.safetensors)", dir.display());
     }
+    crate::io::check_input_dir(dir, "adapter directory")?;
     let config = read_config(dir)?;
     let weights = dir.join(WEIGHTS_FILE);
     if !weights.exists() {

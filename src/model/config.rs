@@ -50,29 +50,63 @@ pub struct DecoderConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
-fn get_usize(v: &Value, key: &str) -> Result<usize> {
-    v.get(key).and_then(Value::as_u64).map(|x| x as usize).with_context(|| format!("config.json: missing or non-integer \"{key}\""))
+/// A non-negative integer field; absent (or null) is `None`, any other type an error naming it.
+fn opt_uint(v: &Value, key: &str) -> Result<Option<u64>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x.as_u64().map(Some).with_context(|| format!("config.json: \"{key}\" must be a non-negative integer, found {x}")),
+    }
 }
 
-fn opt_f64(v: &Value, key: &str) -> Option<f64> {
-    v.get(key).and_then(Value::as_f64)
+/// A required size: present, an integer, within [1, max].
+fn get_dim(v: &Value, key: &str, max: usize) -> Result<usize> {
+    let x = opt_uint(v, key)?.with_context(|| format!("config.json: missing \"{key}\""))?;
+    crate::limits::check_dim(&format!("config.json: \"{key}\""), x, max)
 }
 
-fn opt_bool(v: &Value, key: &str) -> Option<bool> {
-    v.get(key).and_then(Value::as_bool)
+fn opt_dim(v: &Value, key: &str, max: usize) -> Result<Option<usize>> {
+    opt_uint(v, key)?.map(|x| crate::limits::check_dim(&format!("config.json: \"{key}\""), x, max)).transpose()
+}
+
+fn opt_f64(v: &Value, key: &str) -> Result<Option<f64>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x.as_f64().map(Some).with_context(|| format!("config.json: \"{key}\" must be a number, found {x}")),
+    }
+}
+
+fn opt_bool(v: &Value, key: &str) -> Result<Option<bool>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x.as_bool().map(Some).with_context(|| format!("config.json: \"{key}\" must be true or false, found {x}")),
+    }
+}
+
+fn opt_str<'a>(v: &'a Value, key: &str) -> Result<Option<&'a str>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x.as_str().map(Some).with_context(|| format!("config.json: \"{key}\" must be a string, found {x}")),
+    }
 }
 
 /// `rope_parameters` (v5) or `rope_scaling` (v4); returns (theta, scaling).
 fn parse_rope(v: &Value) -> Result<(f32, RopeScaling)> {
     let params = v.get("rope_parameters").filter(|p| p.is_object());
     let scaling = params.or_else(|| v.get("rope_scaling").filter(|p| p.is_object()));
-    let theta = params.and_then(|p| opt_f64(p, "rope_theta")).or_else(|| opt_f64(v, "rope_theta")).unwrap_or(10000.0) as f32;
+    let theta = match params {
+        Some(p) if p.get("rope_theta").is_some() => opt_f64(p, "rope_theta")?,
+        _ => opt_f64(v, "rope_theta")?,
+    }
+    .unwrap_or(10000.0) as f32;
     let Some(s) = scaling else {
         return Ok((theta, RopeScaling::Default));
     };
-    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let kind = match opt_str(s, "rope_type")? {
+        Some(k) => k,
+        None => opt_str(s, "type")?.unwrap_or("default"),
+    };
     let f = |key: &str| -> Result<f32> {
-        opt_f64(s, key).map(|x| x as f32).with_context(|| format!("config.json: rope scaling \"{kind}\" needs \"{key}\""))
+        opt_f64(s, key)?.map(|x| x as f32).with_context(|| format!("config.json: rope scaling \"{kind}\" needs \"{key}\""))
     };
     let scaling = match kind {
         "default" => RopeScaling::Default,
@@ -90,13 +124,17 @@ fn parse_rope(v: &Value) -> Result<(f32, RopeScaling)> {
 
 impl DecoderConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::io::read_input_text(path, "model config")?;
         let v: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         Self::from_json(&v).with_context(|| format!("in {}", path.display()))
     }
 
     pub fn from_json(v: &Value) -> Result<Self> {
-        let model_type = v.get("model_type").and_then(Value::as_str).context("config.json: missing \"model_type\"")?;
+        use crate::limits::{MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_VOCAB};
+        if !v.is_object() {
+            bail!("config.json: expected a JSON object");
+        }
+        let model_type = opt_str(v, "model_type")?.context("config.json: missing \"model_type\"")?;
         let arch = match model_type {
             "llama" => Arch::Llama,
             "mistral" => Arch::Mistral,
@@ -105,56 +143,102 @@ impl DecoderConfig {
                 bail!("model_type \"{other}\" is not supported (supported: llama, mistral, qwen2)")
             }
         };
-        let hidden_size = get_usize(v, "hidden_size")?;
-        let num_heads = get_usize(v, "num_attention_heads")?;
-        let num_kv_heads = v.get("num_key_value_heads").and_then(Value::as_u64).map(|x| x as usize).unwrap_or(num_heads);
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-            bail!("num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})");
-        }
-        let head_dim = v.get("head_dim").and_then(Value::as_u64).map(|x| x as usize).unwrap_or(hidden_size / num_heads);
-        if !head_dim.is_multiple_of(2) {
-            bail!("head_dim {head_dim} must be even for rotary embeddings");
-        }
+        let hidden_size = get_dim(v, "hidden_size", MAX_HIDDEN)?;
+        let num_heads = get_dim(v, "num_attention_heads", MAX_HEADS)?;
+        let num_kv_heads = opt_dim(v, "num_key_value_heads", MAX_HEADS)?.unwrap_or(num_heads);
+        let head_dim = match opt_dim(v, "head_dim", MAX_HEAD_DIM)? {
+            Some(h) => h,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => bail!("hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads} (and no head_dim is given)"),
+        };
         let (rope_theta, rope_scaling) = parse_rope(v)?;
-        let attention_bias = opt_bool(v, "attention_bias").unwrap_or(false);
+        let attention_bias = opt_bool(v, "attention_bias")?.unwrap_or(false);
         let sliding_window = match arch {
-            Arch::Mistral => v.get("sliding_window").and_then(Value::as_u64).map(|x| x as usize),
-            Arch::Qwen2 if opt_bool(v, "use_sliding_window").unwrap_or(false) => {
+            Arch::Mistral => opt_dim(v, "sliding_window", usize::MAX)?,
+            Arch::Qwen2 if opt_bool(v, "use_sliding_window")?.unwrap_or(false) => {
                 bail!("qwen2 with use_sliding_window=true is not supported")
             }
             _ => None,
         };
+        let token = |x: &Value| x.as_u64().and_then(|t| u32::try_from(t).ok());
         let eos_token_ids = match v.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().into_iter().map(|x| x as u32).collect(),
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+            Some(Value::Number(n)) => n.as_u64().and_then(|t| u32::try_from(t).ok()).into_iter().collect(),
+            Some(Value::Array(a)) => a.iter().filter_map(token).collect(),
             _ => vec![],
         };
-        if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
+        if let Some(act) = opt_str(v, "hidden_act")? {
             if act != "silu" {
                 bail!("hidden_act \"{act}\" is not supported for {model_type} (only silu)");
             }
         }
-        Ok(DecoderConfig {
+        let config = DecoderConfig {
             arch,
-            vocab_size: get_usize(v, "vocab_size")?,
+            vocab_size: get_dim(v, "vocab_size", MAX_VOCAB)?,
             hidden_size,
-            intermediate_size: get_usize(v, "intermediate_size")?,
-            num_layers: get_usize(v, "num_hidden_layers")?,
+            intermediate_size: get_dim(v, "intermediate_size", MAX_INTERMEDIATE)?,
+            num_layers: get_dim(v, "num_hidden_layers", MAX_LAYERS)?,
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: opt_f64(v, "rms_norm_eps").unwrap_or(1e-6) as f32,
+            rms_norm_eps: opt_f64(v, "rms_norm_eps")?.unwrap_or(1e-6) as f32,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: v.get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(4096) as usize,
-            tie_word_embeddings: opt_bool(v, "tie_word_embeddings").unwrap_or(false),
+            max_position_embeddings: opt_dim(v, "max_position_embeddings", usize::MAX)?.unwrap_or(4096),
+            tie_word_embeddings: opt_bool(v, "tie_word_embeddings")?.unwrap_or(false),
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
             o_bias: arch != Arch::Qwen2 && attention_bias,
-            mlp_bias: opt_bool(v, "mlp_bias").unwrap_or(false),
+            mlp_bias: opt_bool(v, "mlp_bias")?.unwrap_or(false),
             sliding_window,
-            bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+            bos_token_id: v.get("bos_token_id").and_then(token),
             eos_token_ids,
-        })
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what both config readers (config.json and GGUF metadata) must agree on: sizes
+    /// positive and within `limits`, heads that divide, an even head_dim for rotary embeddings,
+    /// finite positive epsilon, theta and scaling factors.
+    pub fn validate(&self) -> Result<()> {
+        use crate::limits::{check_dim, MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_VOCAB};
+        check_dim("vocab_size", self.vocab_size as u64, MAX_VOCAB)?;
+        check_dim("hidden_size", self.hidden_size as u64, MAX_HIDDEN)?;
+        check_dim("intermediate_size", self.intermediate_size as u64, MAX_INTERMEDIATE)?;
+        check_dim("the number of layers", self.num_layers as u64, MAX_LAYERS)?;
+        check_dim("the number of attention heads", self.num_heads as u64, MAX_HEADS)?;
+        check_dim("the number of key/value heads", self.num_kv_heads as u64, MAX_HEADS)?;
+        check_dim("head_dim", self.head_dim as u64, MAX_HEAD_DIM)?;
+        check_dim("the context length", self.max_position_embeddings as u64, usize::MAX)?;
+        if self.num_heads % self.num_kv_heads != 0 {
+            bail!(
+                "the number of attention heads ({}) must be a multiple of the number of key/value heads ({})",
+                self.num_heads,
+                self.num_kv_heads
+            );
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            bail!("head_dim {} must be even for rotary embeddings", self.head_dim);
+        }
+        let positive = |name: &str, x: f32| crate::limits::check(name, x as f64, crate::limits::Allowed::Positive);
+        positive("rms_norm_eps", self.rms_norm_eps)?;
+        positive("rope_theta", self.rope_theta)?;
+        match self.rope_scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => positive("rope scaling factor", factor)?,
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                positive("rope scaling factor", factor)?;
+                positive("low_freq_factor", low_freq_factor)?;
+                positive("high_freq_factor", high_freq_factor)?;
+                positive("original_max_position_embeddings", original_max_position_embeddings)?;
+                if high_freq_factor <= low_freq_factor {
+                    bail!("high_freq_factor ({high_freq_factor}) must exceed low_freq_factor ({low_freq_factor})");
+                }
+            }
+        }
+        if self.sliding_window == Some(0) {
+            bail!("sliding_window must be at least 1");
+        }
+        Ok(())
     }
 
     /// The config.json a transformers loader reads back (transformers 4 keys, which 5 also reads).
@@ -247,6 +331,20 @@ mod tests {
         let mut v = base();
         v["num_key_value_heads"] = json!(3);
         assert!(DecoderConfig::from_json(&v).unwrap_err().to_string().contains("multiple"));
+        for (key, bad) in [
+            ("num_attention_heads", json!(0)),
+            ("num_hidden_layers", json!(1u64 << 63)),
+            ("num_hidden_layers", json!(1_000_000_000)),
+            ("hidden_size", json!("64")),
+            ("rms_norm_eps", json!("1e-5")),
+            ("head_dim", json!(7)),
+            ("vocab_size", json!(-3)),
+        ] {
+            let mut v = base();
+            v[key] = bad.clone();
+            let e = DecoderConfig::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(key) || e.contains("head_dim"), "{key}={bad}: {e}");
+        }
         let mut v = base();
         v.as_object_mut().unwrap().remove("hidden_size");
         assert!(DecoderConfig::from_json(&v).unwrap_err().to_string().contains("hidden_size"));

@@ -336,6 +336,8 @@ impl DecoderModel {
     /// away (so loading never holds the whole model in f32).
     pub fn from_weights(config: DecoderConfig, st: &dyn WeightSource, format: WeightFormat) -> Result<Self> {
         let c = &config;
+        c.validate()?;
+        crate::limits::ensure_memory(Self::weight_bytes_for(c, format), &format!("the model's weights in {}", format.name()))?;
         let (d, hd) = (c.hidden_size, c.head_dim);
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
@@ -458,6 +460,21 @@ impl DecoderModel {
         let per_layer: usize = self.layers[0].linear.iter().map(|l| l.w.len() + l.bias.as_ref().map_or(0, Vec::len)).sum::<usize>()
             + 2 * self.config.hidden_size;
         self.embed.len() + per_layer * self.layers.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, FrozenMatrix::len)
+    }
+
+    /// Bytes the frozen weights of a model with config `c` take in `format`, computed without
+    /// overflow from sizes that may come from a hostile file.
+    pub fn weight_bytes_for(c: &DecoderConfig, format: WeightFormat) -> u128 {
+        let matrices: u128 = ModuleKind::ALL
+            .iter()
+            .map(|&k| {
+                let (i, o) = Self::module_shape(c, k);
+                i as u128 * o as u128
+            })
+            .sum();
+        let heads = if c.tie_word_embeddings { 1 } else { 2 };
+        let small = 4 * (2 * c.hidden_size as u128 + 3 * c.intermediate_size as u128);
+        c.num_layers as u128 * (format.bytes_for(matrices) + small) + format.bytes_for(heads * c.vocab_size as u128 * c.hidden_size as u128)
     }
 
     /// Bytes the frozen weights occupy in memory.
@@ -730,17 +747,21 @@ impl DecoderModel {
     }
 
     /// An empty KV cache for `batch` rows of up to `capacity` positions.
-    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+    /// A KV cache for `batch` rows of up to `capacity` positions; refused when the machine
+    /// cannot hold it.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
         let c = &self.config;
-        let size = batch * c.num_kv_heads * capacity * c.head_dim;
-        KvCache {
+        let size = (batch as u128) * (c.num_kv_heads as u128) * (capacity as u128) * (c.head_dim as u128);
+        crate::limits::ensure_memory(2 * 4 * size * c.num_layers as u128, &format!("a KV cache of {batch} × {capacity} positions"))?;
+        let size = size as usize;
+        Ok(KvCache {
             k: (0..c.num_layers).map(|_| vec![0.0; size]).collect(),
             v: (0..c.num_layers).map(|_| vec![0.0; size]).collect(),
             mask: vec![false; batch * capacity],
             len: 0,
             capacity,
             batch,
-        }
+        })
     }
 
     /// Runs `new` tokens per row (`tokens` is `[batch, new]`, `mask` marks real tokens, e.g.
@@ -886,7 +907,7 @@ mod tests {
         let full = model.forward(&Batch::right_padded(std::slice::from_ref(&seq), 0).unwrap(), &adapter).unwrap();
         let close = |a: &[f32], t: usize| a.iter().zip(&full[t * v..(t + 1) * v]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max) < 1e-4;
         // Row 0: the first 7 tokens; row 1: the first 5, left-padded by 2.
-        let mut cache = model.new_cache(2, 10);
+        let mut cache = model.new_cache(2, 10).unwrap();
         let prompt: Vec<u32> = seq[..7].iter().copied().chain([0, 0]).chain(seq[..5].iter().copied()).collect();
         let mask: Vec<bool> = (0..14).map(|i| !(7..9).contains(&i)).collect();
         let logits = model.forward_step(&prompt, &mask, &mut cache, &adapter).unwrap();
@@ -915,7 +936,7 @@ mod tests {
             assert!(model.weight_bytes() < f32_model.weight_bytes());
             let full = model.forward(&Batch::right_padded(std::slice::from_ref(&seq), 0).unwrap(), &NoAdapter).unwrap();
             let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-            let mut cache = model.new_cache(1, 8);
+            let mut cache = model.new_cache(1, 8).unwrap();
             model.forward_step(&seq[..4], &[true; 4], &mut cache, &NoAdapter).unwrap();
             for t in 4..seq.len() {
                 let logits = model.forward_step(&seq[t..t + 1], &[true], &mut cache, &NoAdapter).unwrap();

@@ -36,6 +36,16 @@ impl WeightFormat {
         })
     }
 
+    /// Bytes `n` values take in this format (scales included).
+    pub fn bytes_for(self, n: u128) -> u128 {
+        match self {
+            WeightFormat::F32 => 4 * n,
+            WeightFormat::Bf16 => 2 * n,
+            WeightFormat::Q8_0 => n.div_ceil(32) * 36,
+            WeightFormat::Q4_1 => n.div_ceil(32) * 24,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             WeightFormat::F32 => "f32",

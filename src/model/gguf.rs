@@ -2,13 +2,12 @@
 //! Hugging Face tensor-name mapping, and decoder configs and weights from GGUF metadata.
 
 use super::config::{Arch, DecoderConfig};
-use super::quant::{dequantize, GgmlType};
+use super::quant::{dequantize, type_name, GgmlType};
 use super::weights::WeightSource;
 use crate::kernels::rope::RopeScaling;
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -133,8 +132,24 @@ pub struct GgufFile {
     pub version: u32,
     pub metadata: BTreeMap<String, GgufValue>,
     pub tensors: Vec<GgufTensorInfo>,
-    map: Mmap,
+    bytes: Bytes,
     data_start: usize,
+}
+
+/// The file's bytes: a read-only memory map, or a buffer (for bytes made in memory).
+enum Bytes {
+    Map(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
 }
 
 /// A bounds-checked little-endian cursor.
@@ -143,7 +158,24 @@ struct Cursor<'a> {
     pos: usize,
 }
 
+/// The fewest bytes one metadata value of `type_id` occupies (to bound a declared array length
+/// by what is left of the file before allocating for it).
+fn min_value_size(type_id: u32) -> Option<usize> {
+    Some(match type_id {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 => 8,
+        9 => 12,
+        10..=12 => 8,
+        _ => return None,
+    })
+}
+
 impl<'a> Cursor<'a> {
+    fn remaining(&self) -> usize {
+        self.b.len() - self.pos
+    }
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len());
         let Some(end) = end else { bail!("truncated GGUF: needed {n} bytes at offset {}, file has {}", self.pos, self.b.len()) };
@@ -163,15 +195,17 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into()?))
     }
-    fn len(&mut self) -> Result<usize> {
+    /// A count of items of at least `item_size` bytes each, bounded by what is left of the file.
+    fn count(&mut self, item_size: usize, what: &str) -> Result<usize> {
+        let at = self.pos;
         let n = self.u64()?;
-        if n > self.b.len() as u64 {
-            bail!("corrupt GGUF: length {n} at offset {} exceeds the file size", self.pos - 8);
+        if n > (self.remaining() / item_size.max(1)) as u64 {
+            bail!("corrupt GGUF: {what} {n} at offset {at} does not fit in the {} bytes left in the file", self.remaining());
         }
         Ok(n as usize)
     }
     fn string(&mut self) -> Result<String> {
-        let n = self.len()?;
+        let n = self.count(1, "string length")?;
         let at = self.pos;
         String::from_utf8(self.take(n)?.to_vec()).with_context(|| format!("corrupt GGUF: string at offset {at} is not UTF-8"))
     }
@@ -188,11 +222,13 @@ impl<'a> Cursor<'a> {
             8 => GgufValue::String(self.string()?),
             9 => {
                 if depth > 4 {
-                    bail!("corrupt GGUF: arrays nested too deeply");
+                    bail!("corrupt GGUF: arrays nested too deeply at offset {}", self.pos);
                 }
+                let at = self.pos;
                 let t = self.u32()?;
-                let n = self.len()?;
-                let mut items = Vec::with_capacity(n.min(1 << 20));
+                let size = min_value_size(t).with_context(|| format!("corrupt GGUF: unknown array item type {t} at offset {at}"))?;
+                let n = self.count(size, "array length")?;
+                let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     items.push(self.value(t, depth + 1)?);
                 }
@@ -208,14 +244,19 @@ impl<'a> Cursor<'a> {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: read-only map of a file we do not modify.
+        let file = crate::io::open_input(path, "GGUF file")?;
+        // SAFETY: read-only map of a regular file we do not modify.
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
-        Self::parse(map, path).with_context(|| format!("reading GGUF {}", path.display()))
+        Self::parse(Bytes::Map(map), path).with_context(|| format!("reading GGUF {}", path.display()))
     }
 
-    fn parse(map: Mmap, path: &Path) -> Result<Self> {
-        let mut c = Cursor { b: &map, pos: 0 };
+    /// A GGUF file held in memory; `path` only names it in messages.
+    pub fn from_bytes(bytes: Vec<u8>, path: &Path) -> Result<Self> {
+        Self::parse(Bytes::Owned(bytes), path).with_context(|| format!("reading GGUF {}", path.display()))
+    }
+
+    fn parse(bytes: Bytes, path: &Path) -> Result<Self> {
+        let mut c = Cursor { b: &bytes, pos: 0 };
         if c.take(4)? != MAGIC {
             bail!("not a GGUF file (bad magic)");
         }
@@ -223,41 +264,85 @@ impl GgufFile {
         if !(2..=3).contains(&version) {
             bail!("GGUF version {version} is not supported (only 2 and 3)");
         }
-        let n_tensors = c.len()?;
-        let n_kv = c.len()?;
+        // A tensor description takes at least 24 bytes, a metadata entry at least 13.
+        let n_tensors = c.count(24, "tensor count")?;
+        let n_kv = c.count(13, "metadata count")?;
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
+            let at = c.pos;
             let key = c.string()?;
             let t = c.u32()?;
             let v = c.value(t, 0).with_context(|| format!("metadata key {key}"))?;
-            metadata.insert(key, v);
+            if metadata.insert(key.clone(), v).is_some() {
+                bail!("corrupt GGUF: metadata key {key} appears twice (second at offset {at})");
+            }
         }
-        let mut tensors = Vec::with_capacity(n_tensors);
+        let mut tensors: Vec<GgufTensorInfo> = Vec::with_capacity(n_tensors);
+        let mut names = std::collections::HashSet::with_capacity(n_tensors);
         for _ in 0..n_tensors {
+            let at = c.pos;
             let name = c.string()?;
             let nd = c.u32()? as usize;
-            if nd > 4 {
-                bail!("tensor {name}: {nd} dimensions (GGUF allows at most 4)");
+            if nd == 0 || nd > 4 {
+                bail!("tensor {name} (offset {at}): {nd} dimensions (GGUF allows 1 to 4)");
             }
-            let dims = (0..nd).map(|_| c.len()).collect::<Result<Vec<_>>>()?;
+            let dims = (0..nd).map(|_| c.u64()).collect::<Result<Vec<_>>>()?;
             let type_id = c.u32()?;
-            let offset = c.u64()? as usize;
+            let offset = c.u64()?;
+            if !names.insert(name.clone()) {
+                bail!("corrupt GGUF: tensor {name} appears twice (second at offset {at})");
+            }
+            if dims.contains(&0) {
+                bail!("tensor {name} (offset {at}) has a zero dimension: {dims:?}");
+            }
+            let dims: Vec<usize> = dims.iter().map(|&d| usize::try_from(d)).collect::<Result<_, _>>()?;
+            if dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).is_none() {
+                bail!("tensor {name} (offset {at}): dimensions {dims:?} overflow");
+            }
+            if super::quant::ggml_block(type_id).is_none() {
+                bail!("tensor {name} (offset {at}): unknown GGML type {type_id}");
+            }
+            let offset = usize::try_from(offset).with_context(|| format!("tensor {name}: data offset {offset} is out of range"))?;
             tensors.push(GgufTensorInfo { name, dims, type_id, offset });
         }
-        let alignment = metadata.get("general.alignment").and_then(GgufValue::as_u64).unwrap_or(DEFAULT_ALIGNMENT as u64) as usize;
-        if alignment == 0 || !alignment.is_power_of_two() {
-            bail!("general.alignment {alignment} is not a power of two");
+        let alignment = match metadata.get("general.alignment") {
+            None => DEFAULT_ALIGNMENT as u64,
+            Some(v) => v.as_u64().context("general.alignment must be an unsigned integer")?,
+        };
+        if alignment == 0 || !alignment.is_power_of_two() || alignment > 1 << 20 {
+            bail!("general.alignment {alignment} is not a power of two up to 1 MiB");
         }
+        let alignment = alignment as usize;
         let data_start = c.pos.div_ceil(alignment) * alignment;
-        for t in &tensors {
-            if let Ok(ty) = GgmlType::from_id(t.type_id) {
-                let size = ty.byte_size(t.n_elements()).with_context(|| format!("tensor {}", t.name))?;
-                if data_start + t.offset + size > map.len() {
-                    bail!("tensor {} extends past the end of the file (truncated download?)", t.name);
-                }
+        let file = GgufFile { path: path.to_path_buf(), version, metadata, tensors, bytes, data_start };
+        for t in &file.tensors {
+            if t.offset % alignment != 0 {
+                bail!("tensor {}: data offset {} is not a multiple of the alignment {alignment}", t.name, t.offset);
             }
+            file.data_range(t)?;
         }
-        Ok(GgufFile { path: path.to_path_buf(), version, metadata, tensors, map, data_start })
+        Ok(file)
+    }
+
+    /// Where tensor `t`'s data lies in the file, checked against the file's end.
+    fn data_range(&self, t: &GgufTensorInfo) -> Result<std::ops::Range<usize>> {
+        let (per_block, block_bytes) = super::quant::ggml_block(t.type_id).context("unknown GGML type")?;
+        let n = t.n_elements();
+        if n % per_block != 0 {
+            bail!("tensor {}: {n} elements are not a whole number of {} blocks of {per_block}", t.name, type_name(t.type_id));
+        }
+        let size = (n / per_block).checked_mul(block_bytes);
+        let start = self.data_start.checked_add(t.offset);
+        match (start, size) {
+            (Some(s), Some(z)) if s.checked_add(z).is_some_and(|e| e <= self.bytes.len()) => Ok(s..s + z),
+            _ => bail!(
+                "tensor {} (data offset {}, {} bytes) extends past the end of the file ({} bytes; truncated download?)",
+                t.name,
+                t.offset,
+                size.map_or("too many".into(), |z| z.to_string()),
+                self.bytes.len()
+            ),
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<&GgufValue> {
@@ -276,6 +361,27 @@ impl GgufFile {
         self.get(key).and_then(GgufValue::as_f64)
     }
 
+    /// An unsigned integer value that must be present; a value of another type is an error.
+    pub fn require_u64(&self, key: &str) -> Result<u64> {
+        match self.get(key) {
+            None => bail!("GGUF metadata {key} is missing"),
+            Some(v) => v.as_u64().with_context(|| format!("GGUF metadata {key} must be a non-negative integer, found {}", v.summary())),
+        }
+    }
+
+    /// An optional unsigned integer value; present with another type is an error.
+    pub fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
+        self.get(key).map(|_| self.require_u64(key)).transpose()
+    }
+
+    /// An optional number; present with another type is an error.
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).with_context(|| format!("GGUF metadata {key} must be a number, found {}", v.summary())),
+        }
+    }
+
     pub fn tensor(&self, name: &str) -> Option<&GgufTensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }
@@ -285,14 +391,15 @@ impl GgufFile {
         let t = self.tensor(name).with_context(|| format!("tensor {name} not found in {}", self.path.display()))?;
         let ty = GgmlType::from_id(t.type_id).with_context(|| format!("tensor {name}"))?;
         let n = t.n_elements();
-        let start = self.data_start + t.offset;
-        let data = dequantize(ty, &self.map[start..start + ty.byte_size(n)?], n).with_context(|| format!("tensor {name}"))?;
+        crate::limits::ensure_memory(4 * n as u128, &format!("tensor {name} in f32"))?;
+        let range = self.data_range(t)?;
+        let data = dequantize(ty, &self.bytes[range], n).with_context(|| format!("tensor {name}"))?;
         Ok((data, t.torch_shape()))
     }
 
     /// Bytes of the data section of the file (for size reports).
     pub fn data_size(&self) -> usize {
-        self.map.len() - self.data_start
+        self.bytes.len().saturating_sub(self.data_start)
     }
 }
 
@@ -406,8 +513,11 @@ pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}.{suffix}"))
 }
 
-/// Decoder configuration from GGUF metadata (`general.architecture` llama or qwen2).
+/// Decoder configuration from GGUF metadata (`general.architecture` llama, mistral or qwen2).
+/// Every size is checked (present where required, positive, within `limits`, consistent) before
+/// anything is allocated from it.
 pub fn decoder_config(g: &GgufFile) -> Result<DecoderConfig> {
+    use crate::limits::{check_dim, MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_VOCAB};
     let arch_name = g.get_str("general.architecture").context("GGUF has no general.architecture")?;
     let arch = match arch_name {
         "llama" => Arch::Llama,
@@ -416,47 +526,64 @@ pub fn decoder_config(g: &GgufFile) -> Result<DecoderConfig> {
         other => bail!("GGUF architecture \"{other}\" is not supported (supported: llama, mistral, qwen2)"),
     };
     let key = |k: &str| format!("{arch_name}.{k}");
-    let req = |k: &str| g.get_u64(&key(k)).map(|v| v as usize).with_context(|| format!("GGUF metadata {} is missing", key(k)));
-    let hidden_size = req("embedding_length")?;
-    let num_heads = req("attention.head_count")?;
-    let num_kv_heads = g.get_u64(&key("attention.head_count_kv")).map(|v| v as usize).unwrap_or(num_heads);
-    let head_dim = g.get_u64(&key("attention.key_length")).map(|v| v as usize).unwrap_or(hidden_size / num_heads);
-    let vocab_size = match g.get_u64(&key("vocab_size")) {
-        Some(v) => v as usize,
-        None => g.tensor("token_embd.weight").context("GGUF has no token_embd.weight")?.dims[1],
+    let dim = |k: &str, max: usize| -> Result<usize> { check_dim(&format!("GGUF metadata {}", key(k)), g.require_u64(&key(k))?, max) };
+    let opt_dim = |k: &str, max: usize| -> Result<Option<usize>> {
+        g.opt_u64(&key(k))?.map(|v| check_dim(&format!("GGUF metadata {}", key(k)), v, max)).transpose()
+    };
+    let hidden_size = dim("embedding_length", MAX_HIDDEN)?;
+    let num_heads = dim("attention.head_count", MAX_HEADS)?;
+    let num_kv_heads = opt_dim("attention.head_count_kv", MAX_HEADS)?.unwrap_or(num_heads);
+    let head_dim = match opt_dim("attention.key_length", MAX_HEAD_DIM)? {
+        Some(h) => h,
+        None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+        None => bail!("embedding_length {hidden_size} is not a multiple of head_count {num_heads} (and no attention.key_length is given)"),
+    };
+    if let Some(v) = opt_dim("attention.value_length", MAX_HEAD_DIM)? {
+        if v != head_dim {
+            bail!("attention.value_length {v} differs from attention.key_length {head_dim}, which lowrank does not support");
+        }
+    }
+    let vocab_size = match opt_dim("vocab_size", MAX_VOCAB)? {
+        Some(v) => v,
+        None => {
+            let t = g.tensor("token_embd.weight").context("GGUF has no token_embd.weight")?;
+            let rows =
+                *t.dims.get(1).with_context(|| format!("token_embd.weight has shape {:?}; expected 2 dimensions", t.torch_shape()))?;
+            check_dim("the vocabulary (rows of token_embd.weight)", rows as u64, MAX_VOCAB)?
+        }
     };
     if g.tensor("rope_freqs.weight").is_some() {
         bail!("GGUF models with rope_freqs (Llama 3.1 rope scaling) are not supported yet");
     }
-    let rope_scaling = match (g.get_str(&key("rope.scaling.type")), g.get_f64(&key("rope.scaling.factor"))) {
+    let rope_scaling = match (g.get_str(&key("rope.scaling.type")), g.opt_f64(&key("rope.scaling.factor"))?) {
         (None | Some("none"), _) => RopeScaling::Default,
         (Some("linear"), Some(f)) => RopeScaling::Linear { factor: f as f32 },
         (Some(t), _) => bail!("GGUF rope scaling \"{t}\" is not supported"),
     };
-    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-        bail!("head_count ({num_heads}) must be a multiple of head_count_kv ({num_kv_heads})");
-    }
-    Ok(DecoderConfig {
+    let token = |k: &str| -> Result<Option<u32>> { Ok(g.opt_u64(k)?.and_then(|v| u32::try_from(v).ok())) };
+    let config = DecoderConfig {
         arch,
         vocab_size,
         hidden_size,
-        intermediate_size: req("feed_forward_length")?,
-        num_layers: req("block_count")?,
+        intermediate_size: dim("feed_forward_length", MAX_INTERMEDIATE)?,
+        num_layers: dim("block_count", MAX_LAYERS)?,
         num_heads,
         num_kv_heads,
         head_dim,
-        rms_norm_eps: g.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f32,
-        rope_theta: g.get_f64(&key("rope.freq_base")).unwrap_or(10000.0) as f32,
+        rms_norm_eps: g.opt_f64(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5) as f32,
+        rope_theta: g.opt_f64(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32,
         rope_scaling,
-        max_position_embeddings: g.get_u64(&key("context_length")).unwrap_or(4096) as usize,
+        max_position_embeddings: opt_dim("context_length", usize::MAX)?.unwrap_or(4096),
         tie_word_embeddings: g.tensor("output.weight").is_none(),
         qkv_bias: arch == Arch::Qwen2 || g.tensor("blk.0.attn_q.bias").is_some(),
         o_bias: g.tensor("blk.0.attn_output.bias").is_some(),
         mlp_bias: g.tensor("blk.0.ffn_up.bias").is_some(),
         sliding_window: None,
-        bos_token_id: g.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32),
-        eos_token_ids: g.get_u64("tokenizer.ggml.eos_token_id").map(|v| v as u32).into_iter().collect(),
-    })
+        bos_token_id: token("tokenizer.ggml.bos_token_id")?,
+        eos_token_ids: token("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+    };
+    config.validate()?;
+    Ok(config)
 }
 
 /// Weights of a GGUF decoder seen under Hugging Face names and layout: tensors are dequantized,

@@ -74,6 +74,37 @@ impl GgmlType {
     }
 }
 
+/// (elements per block, bytes per block) of every GGML type id llama.cpp defines, including the
+/// ones lowrank cannot dequantize, so a reader can bounds-check any tensor; `None` for ids that
+/// no GGML type has.
+pub fn ggml_block(id: u32) -> Option<(usize, usize)> {
+    if let Ok(t) = GgmlType::from_id(id) {
+        return Some(t.block());
+    }
+    Some(match id {
+        6 => (32, 22),   // Q5_0
+        7 => (32, 24),   // Q5_1
+        9 => (32, 36),   // Q8_1
+        10 => (256, 84), // Q2_K
+        11 => (256, 110),
+        15 => (256, 292),
+        16 => (256, 66),
+        17 => (256, 74),
+        18 => (256, 98),
+        19 => (256, 50),
+        20 => (32, 18),
+        21 => (256, 110),
+        22 => (256, 82),
+        23 => (256, 136),
+        24 => (1, 1),
+        25 => (1, 2),
+        26 => (1, 4),
+        27 | 28 => (1, 8),
+        29 => (256, 56),
+        _ => return None,
+    })
+}
+
 /// Names of all GGML type ids, for messages.
 pub fn type_name(id: u32) -> &'static str {
     const NAMES: [&str; 31] = [

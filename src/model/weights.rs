@@ -6,7 +6,6 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 struct Shard {
@@ -50,10 +49,19 @@ impl TensorStore {
         if single.exists() {
             Self::open_files(&[single])
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+            let text = crate::io::read_input_text(&index, "shard index")?;
             let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
             let map = v.get("weight_map").and_then(|m| m.as_object()).with_context(|| format!("{}: no \"weight_map\"", index.display()))?;
-            let files: std::collections::BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+            let mut files = std::collections::BTreeSet::new();
+            for (tensor, f) in map {
+                let f = f.as_str().with_context(|| format!("{}: weight_map[{tensor:?}] must be a file name", index.display()))?;
+                let plain = Path::new(f).components().count() == 1
+                    && matches!(Path::new(f).components().next(), Some(std::path::Component::Normal(_)));
+                if !plain {
+                    bail!("{}: weight_map[{tensor:?}] names {f:?}, which is not a file inside the model directory", index.display());
+                }
+                files.insert(f);
+            }
             let paths: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
             Self::open_files(&paths)
         } else {
@@ -65,12 +73,12 @@ impl TensorStore {
         let mut shards = Vec::new();
         let mut index = HashMap::new();
         for path in paths {
-            let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-            // SAFETY: the file is opened read-only; like every mmap-based loader we assume it is not
-            // truncated while we run.
+            let file = crate::io::open_input(path, "safetensors file")?;
+            // SAFETY: the file is a regular file opened read-only; like every mmap-based loader we
+            // assume it is not truncated while we run.
             let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
-            let (header_len, meta) =
-                SafeTensors::read_metadata(&map).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map)
+                .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {}", path.display(), diagnose(&map, e)))?;
             for name in meta.tensors().keys() {
                 if index.insert(name.clone(), shards.len()).is_some() {
                     bail!("tensor {name} appears in more than one shard (second: {})", path.display());
@@ -114,6 +122,7 @@ impl TensorStore {
         if meta.shape != shape {
             bail!("tensor {name} in {} has shape {:?}, expected {:?}", path.display(), meta.shape, shape);
         }
+        crate::limits::ensure_memory(4 * shape.iter().map(|&d| d as u128).product::<u128>(), &format!("tensor {name} in f32"))?;
         to_f32(bytes, meta.dtype).with_context(|| format!("tensor {name} in {}", path.display()))
     }
 
@@ -134,6 +143,41 @@ impl TensorStore {
         };
         Ok((v, meta.shape))
     }
+}
+
+/// Why `bytes` is not a valid safetensors file, naming the tensor where one is at fault (the
+/// library's own message for a truncated file is "incomplete metadata, file not fully covered").
+fn diagnose(bytes: &[u8], err: safetensors::SafeTensorError) -> String {
+    let len = bytes.len();
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap())) else {
+        return format!("the file is {len} bytes long, too short for a safetensors header (truncated?)");
+    };
+    if n > (len - 8) as u64 {
+        return format!("its header claims {n} bytes but only {} follow the length field: the file is truncated", len - 8);
+    }
+    let n = n as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        match std::str::from_utf8(&bytes[8..8 + n]).ok().and_then(|t| serde_json::from_str(t).ok()) {
+            Some(h) => h,
+            None => return format!("{err}"),
+        };
+    let data_len = len - 8 - n;
+    let mut last_end = 0u64;
+    for (name, info) in &header {
+        let end = info.get("data_offsets").and_then(|o| o.get(1)).and_then(serde_json::Value::as_u64);
+        if let Some(end) = end {
+            if end > data_len as u64 {
+                return format!(
+                    "tensor {name} ends at byte {end} of the data section, which holds only {data_len} bytes: the file is truncated"
+                );
+            }
+            last_end = last_end.max(end);
+        }
+    }
+    if last_end < data_len as u64 {
+        return format!("{} bytes follow the last tensor's data ({err})", data_len as u64 - last_end);
+    }
+    format!("{err}")
 }
 
 fn to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {

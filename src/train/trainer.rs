@@ -51,6 +51,9 @@ pub struct TrainConfig {
     pub seed: u64,
     pub threads: usize,
     pub resume: Option<PathBuf>,
+    /// Clear a non-empty output directory (otherwise a new run refuses one).
+    #[serde(default)]
+    pub overwrite: bool,
     pub gradient_checkpointing: bool,
     /// How the frozen base weights are kept in memory: f32, bf16, q8_0 or q4_1.
     pub weights: String,
@@ -89,6 +92,7 @@ impl Default for TrainConfig {
             seed: 42,
             threads: 0,
             resume: None,
+            overwrite: false,
             gradient_checkpointing: false,
             weights: "f32".into(),
         }
@@ -113,30 +117,57 @@ impl TrainConfig {
         let c = TrainConfig {
             output: PathBuf::new(),
             resume: None,
+            overwrite: false,
             threads: 0,
             eval_every: 0,
             save_every: 0,
             keep_checkpoints: 0,
             ..self.clone()
         };
-        serde_json::to_string(&c).expect("serializable")
+        let mut v = serde_json::to_value(&c).expect("serializable");
+        v.as_object_mut().expect("an object").remove("overwrite");
+        v.to_string()
     }
 
-    fn validate(&self) -> Result<()> {
-        if self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("batch-size and grad-accum must be at least 1");
+    /// The settings that differ between two fingerprints, as "name: then → now" lines.
+    fn fingerprint_diff(then: &str, now: &str) -> String {
+        let parse = |s: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(s).unwrap_or_default();
+        let (a, b) = (parse(then), parse(now));
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let null = serde_json::Value::Null;
+        keys.into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| format!("{}: checkpoint {}, this run {}", k.replace('_', "-"), a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Every setting in its range; the error names the setting (as its flag) and the range.
+    pub fn validate(&self) -> Result<()> {
+        use crate::limits::{check, check_count, Allowed, MAX_STEPS, MAX_THREADS};
+        check_count("batch-size", self.batch_size, 1, 1 << 20)?;
+        check_count("grad-accum", self.grad_accum, 1, 1 << 20)?;
+        check_count("seq-len", self.seq_len, 2, 1 << 24)?;
+        check_count("rank", self.rank, 1, 1 << 16)?;
+        check("alpha", self.alpha as f64, Allowed::Positive)?;
+        check("dropout", self.dropout as f64, Allowed::RightOpen(0.0, 1.0))?;
+        check("lr", self.lr, Allowed::Positive)?;
+        check("eval-fraction", self.eval_fraction, Allowed::RightOpen(0.0, 1.0))?;
+        check("weight-decay", self.weight_decay, Allowed::NonNegative)?;
+        check("max-grad-norm (0 turns clipping off)", self.max_grad_norm, Allowed::NonNegative)?;
+        check("epochs", self.epochs, Allowed::LeftOpen(0.0, 1e6))?;
+        if let Some(n) = self.max_steps {
+            check_count("max-steps", n, 1, MAX_STEPS)?;
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            bail!("lr must be a positive number, got {}", self.lr);
-        }
-        if !(0.0..1.0).contains(&self.eval_fraction) {
-            bail!("eval-fraction must be in [0, 1), got {}", self.eval_fraction);
-        }
-        if self.max_steps.is_none() && self.epochs <= 0.0 {
-            bail!("give a positive --epochs or --max-steps");
-        }
+        check_count("warmup-steps", self.warmup_steps, 0, MAX_STEPS)?;
+        check_count("threads (0 = all cores)", self.threads, 0, MAX_THREADS)?;
         Schedule::parse(&self.schedule)?;
         WeightFormat::parse(&self.weights)?;
+        if self.resume.is_some() && self.overwrite {
+            bail!("--overwrite and --resume exclude each other (resuming continues the files that are there)");
+        }
         Ok(())
     }
 }
@@ -226,7 +257,12 @@ pub fn prepare_data(cfg: &TrainConfig, p: &Pretrained) -> Result<PreparedData> {
     }
     let t = &p.tokenizer;
     let template = p.chat_template()?;
-    let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: cfg.train_on_inputs };
+    let enc = Encoder {
+        tokenizer: t,
+        template: template.as_ref(),
+        train_on_inputs: cfg.train_on_inputs,
+        max_tokens: if cfg.packing { crate::data::examples::MAX_PACKED_EXAMPLE_TOKENS } else { cfg.seq_len },
+    };
     let encode_all = |rs: &[Record], what: &str, path: &Path| -> Result<Vec<crate::data::Example>> {
         rs.iter()
             .enumerate()
@@ -260,8 +296,22 @@ pub fn evaluate(model: &DecoderModel, ad: &dyn LowRankSource, seqs: &[Sequence],
 /// written and the run ends early (Ctrl-C).
 pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) -> Result<TrainSummary> {
     cfg.validate()?;
+    if cfg.resume.is_none() {
+        // Refuse a non-empty output directory now, before the slow loading; with --overwrite it
+        // is cleared only once the model and data have loaded, so a run that fails on its input
+        // leaves the directory as it was.
+        crate::io::prepare_output_dir(&cfg.output, false).or_else(|e| if cfg.overwrite { Ok(()) } else { Err(e) })?;
+    }
+    if cfg.resume.is_none() {
+        let inputs: Vec<&Path> =
+            [Some(cfg.model.as_path()), Some(cfg.data.as_path()), cfg.eval_data.as_deref()].into_iter().flatten().collect();
+        crate::io::check_output_apart(&cfg.output, &inputs)?;
+    }
     let started = Instant::now();
     let mut p = Pretrained::load_as(&cfg.model, WeightFormat::parse(&cfg.weights)?)?;
+    if cfg.seq_len > p.model.config.max_position_embeddings {
+        bail!("seq-len {} exceeds the model's context of {} tokens", cfg.seq_len, p.model.config.max_position_embeddings);
+    }
     p.model.gradient_checkpointing = cfg.gradient_checkpointing;
     let data = prepare_data(cfg, &p)?;
     let s = &data.train_stats;
@@ -272,7 +322,16 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
     let pad = p.tokenizer.eos_id.unwrap_or(0);
     let mut loader = Loader::new(data.train, cfg.batch_size, cfg.seed, true);
     let steps_per_epoch = loader.batches_per_epoch().div_ceil(cfg.grad_accum).max(1);
-    let total_steps = cfg.max_steps.unwrap_or(((cfg.epochs * steps_per_epoch as f64).ceil() as usize).max(1));
+    let total_steps = match cfg.max_steps {
+        Some(n) => n,
+        None => {
+            let n = (cfg.epochs * steps_per_epoch as f64).ceil().max(1.0);
+            if n > crate::limits::MAX_STEPS as f64 {
+                bail!("--epochs {} means {n} optimizer steps, more than the {} a run may take", cfg.epochs, crate::limits::MAX_STEPS);
+            }
+            n as usize
+        }
+    };
     let schedule = Schedule::parse(&cfg.schedule)?;
     let ckpt_dir = cfg.output.join("checkpoints");
 
@@ -281,8 +340,9 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
             let c = checkpoint::load(dir, &p.model).with_context(|| format!("resuming from {}", dir.display()))?;
             if c.state.fingerprint != cfg.fingerprint() {
                 bail!(
-                    "{} was written by a run with different settings (model, data, LoRA or optimizer); resume needs the same ones",
-                    dir.display()
+                    "{} was written by a run with different settings; resume needs the same ones ({})",
+                    dir.display(),
+                    TrainConfig::fingerprint_diff(&c.state.fingerprint, &cfg.fingerprint())
                 );
             }
             progress.message(&format!("resuming from {} at step {}", dir.display(), c.state.step));
@@ -304,10 +364,12 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
     };
     progress.message(&adapter.trainable_report(&p.model));
     let metrics_path = cfg.output.join("metrics.jsonl");
-    let mut metrics = read_metrics(&metrics_path).unwrap_or_default();
-    metrics.retain(|m| m.step <= state.step);
-    if cfg.resume.is_none() {
-        metrics.clear();
+    let mut metrics = Vec::new();
+    if cfg.resume.is_some() {
+        metrics = read_metrics(&metrics_path)?;
+        metrics.retain(|m| m.step <= state.step);
+    } else if cfg.overwrite {
+        crate::io::prepare_output_dir(&cfg.output, true)?;
     }
     std::fs::create_dir_all(&cfg.output).with_context(|| format!("creating {}", cfg.output.display()))?;
     write_metrics(&metrics_path, &metrics)?;
@@ -322,24 +384,25 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
     while state.step < total_steps {
         let step_start = Instant::now();
         let lr = cfg.lr * schedule.factor(state.step, cfg.warmup_steps, total_steps);
-        // Draw the step's micro-batches first so the loss is normalized by all of their
-        // trained tokens together, as transformers does with gradient accumulation.
-        let micro: Vec<Vec<Sequence>> = (0..cfg.grad_accum).map(|_| loader.next_batch(&mut state.cursor)).collect();
-        let batches: Vec<_> = micro.iter().map(|m| to_batch(m, pad)).collect();
-        let count: usize = batches.iter().map(|(_, t)| t.iter().flatten().count()).sum();
+        // The loss is normalized by the trained tokens of all the step's micro-batches together,
+        // as transformers does with gradient accumulation: count them first, then build and run
+        // one micro-batch at a time.
+        let count = loader.trained_tokens_ahead(state.cursor, cfg.grad_accum);
         grads.fill(0.0);
         let mut loss = LossSum::default();
-        for (batch, targets) in &batches {
-            let l = p.model.loss_and_grads(batch, targets, &adapter, &mut grads, 1.0 / count.max(1) as f32, Some(&mut rng))?;
+        let mut tokens = 0;
+        for _ in 0..cfg.grad_accum {
+            let (batch, targets) = to_batch(&loader.next_batch(&mut state.cursor), pad);
+            let l = p.model.loss_and_grads(&batch, &targets, &adapter, &mut grads, 1.0 / count.max(1) as f32, Some(&mut rng))?;
             loss.sum += l.sum;
             loss.count += l.count;
-            state.tokens_seen += batch.tokens.len() as u64;
+            tokens += batch.tokens.len();
         }
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
+        state.tokens_seen += tokens as u64;
+        let grad_norm = clip_grad_norm(&mut grads, if cfg.max_grad_norm > 0.0 { cfg.max_grad_norm } else { f64::INFINITY });
         opt.update(&mut adapter.params, &grads, lr);
         state.step += 1;
         state.rng = rng.state();
-        let tokens: usize = batches.iter().map(|(b, _)| b.tokens.len()).sum();
         let m = Metric {
             step: state.step,
             loss: Some(loss.mean()),
