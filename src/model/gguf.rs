@@ -407,7 +407,17 @@ impl GgufFile {
 #[derive(Default)]
 pub struct GgufWriter {
     metadata: Vec<(String, GgufValue)>,
-    tensors: Vec<(String, Vec<usize>, GgmlType, Vec<u8>)>,
+    tensors: Vec<WriterTensor>,
+}
+
+struct WriterTensor {
+    name: String,
+    /// GGML order (row length first).
+    dims: Vec<u64>,
+    type_id: u32,
+    /// `None`: the next aligned offset after the previous tensor.
+    offset: Option<u64>,
+    bytes: Vec<u8>,
 }
 
 impl GgufWriter {
@@ -424,7 +434,15 @@ impl GgufWriter {
 
     /// Adds a tensor already encoded as `ty`.
     pub fn tensor_raw(&mut self, name: &str, torch_shape: &[usize], ty: GgmlType, bytes: Vec<u8>) {
-        self.tensors.push((name.to_string(), torch_shape.iter().rev().copied().collect(), ty, bytes));
+        let dims = torch_shape.iter().rev().map(|&d| d as u64).collect();
+        self.tensors.push(WriterTensor { name: name.to_string(), dims, type_id: ty.id(), offset: None, bytes });
+    }
+
+    /// Adds a tensor description exactly as given — GGML-order dimensions, any type id, an
+    /// explicit data offset — with `bytes` as its data: for writing the malformed files that
+    /// tests and the fuzz harness feed to the reader.
+    pub fn tensor_unchecked(&mut self, name: &str, ggml_dims: &[u64], type_id: u32, offset: Option<u64>, bytes: Vec<u8>) {
+        self.tensors.push(WriterTensor { name: name.to_string(), dims: ggml_dims.to_vec(), type_id, offset, bytes });
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -465,20 +483,20 @@ impl GgufWriter {
             out.extend(v.type_id().to_le_bytes());
             value(&mut out, v);
         }
-        let mut offset = 0usize;
-        for (name, dims, ty, bytes) in &self.tensors {
-            string(&mut out, name);
-            out.extend((dims.len() as u32).to_le_bytes());
-            for d in dims {
-                out.extend((*d as u64).to_le_bytes());
+        let mut offset = 0u64;
+        for t in &self.tensors {
+            string(&mut out, &t.name);
+            out.extend((t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                out.extend(d.to_le_bytes());
             }
-            out.extend(ty.id().to_le_bytes());
-            out.extend((offset as u64).to_le_bytes());
-            offset += bytes.len().div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+            out.extend(t.type_id.to_le_bytes());
+            out.extend(t.offset.unwrap_or(offset).to_le_bytes());
+            offset += (t.bytes.len().div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT) as u64;
         }
         out.resize(out.len().div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT, 0);
-        for (_, _, _, bytes) in &self.tensors {
-            out.extend(bytes);
+        for t in &self.tensors {
+            out.extend(&t.bytes);
             out.resize(out.len().div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT, 0);
         }
         out
