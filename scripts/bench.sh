@@ -58,7 +58,7 @@ for weights in q8_0 q4_1; do
 done
 echo "== decode/prefill: lowrank" >&2
 $bin bench train --model "$gguf" --corpus "$corpus" --steps 1 --warmup 0 --batch 1 --seq 32 >/dev/null  # (warms the page cache)
-$bin train --model "$gguf" --data data/dates/train.jsonl --output "$out/adapter-run" --max-steps 2 --batch-size 2 >/dev/null 2>&1
+$bin train --model "$gguf" --data data/dates/train.jsonl --output "$out/adapter-run" --overwrite --max-steps 2 --batch-size 2 >/dev/null 2>&1
 $bin bench decode --model "$gguf" --adapter "$out/adapter-run/adapter" --threads 2 | record infer
 for weights in bf16 q8_0 q4_1; do
     $bin bench decode --model "$gguf" --adapter "$out/adapter-run/adapter" --threads 2 --weights "$weights" | record infer

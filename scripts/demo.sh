@@ -16,7 +16,7 @@ $bin eval --model "$model" --data data/dates/eval.jsonl --exact-match --max-new-
 
 echo "== fine-tuning a LoRA adapter (q_proj,v_proj, r=8) on 400 examples"
 $bin train --model "$model" --data data/dates/train.jsonl --eval-data data/dates/eval.jsonl \
-    --output "$out" --max-steps 50 --batch-size 8 --lr 1e-3 --warmup-steps 5 --seq-len 128 --eval-every 25
+    --output "$out" --overwrite --max-steps 50 --batch-size 8 --lr 1e-3 --warmup-steps 5 --seq-len 128 --eval-every 25
 
 echo "== after: with the adapter, same 50 held-out dates"
 $bin eval --model "$model" --adapter "$out/adapter" --data data/dates/eval.jsonl --exact-match --max-new-tokens 16 --show | tail -n 8

@@ -209,7 +209,7 @@ impl DecoderConfig {
         check_dim("the number of key/value heads", self.num_kv_heads as u64, MAX_HEADS)?;
         check_dim("head_dim", self.head_dim as u64, MAX_HEAD_DIM)?;
         check_dim("the context length", self.max_position_embeddings as u64, usize::MAX)?;
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "the number of attention heads ({}) must be a multiple of the number of key/value heads ({})",
                 self.num_heads,

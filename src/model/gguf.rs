@@ -328,7 +328,7 @@ impl GgufFile {
     fn data_range(&self, t: &GgufTensorInfo) -> Result<std::ops::Range<usize>> {
         let (per_block, block_bytes) = super::quant::ggml_block(t.type_id).context("unknown GGML type")?;
         let n = t.n_elements();
-        if n % per_block != 0 {
+        if !n.is_multiple_of(per_block) {
             bail!("tensor {}: {n} elements are not a whole number of {} blocks of {per_block}", t.name, type_name(t.type_id));
         }
         let size = (n / per_block).checked_mul(block_bytes);

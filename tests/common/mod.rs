@@ -45,11 +45,14 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// A small Llama-architecture GGUF model — hidden 64, 2 layers, 4 heads (2 key/value), random
 /// weights — with SmolLM2's real tokenizer metadata and vocabulary, held as parts so tests can
 /// write damaged variants of it. Loads in well under a second.
+/// A tensor description and its data: (name, GGML-order dims, type id, data offset or None for
+/// the next aligned one, bytes).
+pub type RawTensor = (String, Vec<u64>, u32, Option<u64>, Vec<u8>);
+
 #[derive(Clone)]
 pub struct TinyGguf {
     pub meta: Vec<(String, lowrank::model::gguf::GgufValue)>,
-    /// (name, GGML-order dims, type id, data offset or None for the next aligned one, bytes)
-    pub tensors: Vec<(String, Vec<u64>, u32, Option<u64>, Vec<u8>)>,
+    pub tensors: Vec<RawTensor>,
 }
 
 impl TinyGguf {
@@ -114,7 +117,7 @@ impl TinyGguf {
         self
     }
 
-    pub fn tensor_mut(&mut self, name: &str) -> &mut (String, Vec<u64>, u32, Option<u64>, Vec<u8>) {
+    pub fn tensor_mut(&mut self, name: &str) -> &mut RawTensor {
         self.tensors.iter_mut().find(|t| t.0 == name).expect("tensor of the tiny model")
     }
 
