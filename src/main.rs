@@ -516,11 +516,12 @@ impl Progress for Bar {
     }
 }
 
-/// `PATH@WEIGHT` → (PATH, WEIGHT), or (spec, 1) without a weight. A weight must be a finite number.
+/// `PATH@WEIGHT` → (PATH, WEIGHT), or (spec, 1) when nothing after the last `@` reads as a
+/// number (so a path may contain `@`). A weight must be finite and in [-1e6, 1e6].
 fn split_weight<'a>(spec: &'a str, flag: &str) -> Result<(&'a str, f32)> {
     match spec.rsplit_once('@') {
-        Some((path, w)) if !path.is_empty() => {
-            let w: f32 = w.parse().with_context(|| format!("{flag} {spec:?}: the weight after @ must be a number, got {w:?}"))?;
+        Some((path, w)) if !path.is_empty() && w.parse::<f32>().is_ok() => {
+            let w: f32 = w.parse()?;
             lowrank::limits::check(&format!("{flag} {spec:?}: the weight"), w as f64, lowrank::limits::Allowed::Closed(-1e6, 1e6))?;
             Ok((path, w))
         }

@@ -256,6 +256,13 @@ fn adapter_configs_are_type_checked_and_ranks_bounded() {
         let e = format!("{:#}", lowrank::lora::peft::load(&good, &p.model).err().unwrap());
         assert!(e.contains(needle), "{key}={value}: expected {needle:?} in: {e}");
     }
+    // Non-finite weights are refused by module name.
+    let p = Pretrained::load(&model).unwrap();
+    let mut nan = LoraAdapter::new(qv.clone(), &p.model, 1).unwrap();
+    nan.params[5] = f32::NAN;
+    lowrank::lora::peft::save(&nan, &dir.join("nan")).unwrap();
+    let e = format!("{:#}", lowrank::lora::peft::load(&dir.join("nan"), &p.model).err().unwrap());
+    assert!(e.contains("model.layers.0.self_attn.q_proj holds a non-finite weight"), "{e}");
     // r = 1e9 through every command that reads adapters, and through train.
     std::fs::write(&config, &original).unwrap();
     edit_json(&config, |v| v["r"] = serde_json::json!(1_000_000_000));

@@ -94,6 +94,10 @@ pub fn parse_record(line: &str, format: Option<Format>) -> Result<Record> {
             if list.is_empty() {
                 bail!("\"messages\" is empty");
             }
+            if list.len() > MAX_MESSAGES {
+                // Loss masking renders every prefix of the conversation: quadratic in its length.
+                bail!("\"messages\" has {} turns; at most {MAX_MESSAGES} are accepted", list.len());
+            }
             let mut msgs = Vec::with_capacity(list.len());
             for (i, m) in list.iter().enumerate() {
                 let Value::Object(m) = m else { bail!("messages[{i}] must be an object") };
@@ -110,6 +114,9 @@ pub fn parse_record(line: &str, format: Option<Format>) -> Result<Record> {
         }
     })
 }
+
+/// Turns in one conversation record.
+pub const MAX_MESSAGES: usize = 1024;
 
 /// The longest JSONL line read (a longer one is an error naming its line, not an allocation).
 pub const MAX_LINE_BYTES: u64 = 256 << 20;
@@ -172,6 +179,8 @@ mod tests {
         assert!(err(r#"[1]"#, None).contains("JSON object"));
         assert!(err(r#"{"messages":[{"role":"robot","content":"x"}]}"#, None).contains("robot"));
         assert!(err(r#"{"messages":[{"role":"user","content":"x"}]}"#, None).contains("no assistant"));
+        let long = format!("{{\"messages\":[{}]}}", vec![r#"{"role":"user","content":"x"}"#; 1025].join(","));
+        assert!(err(&long, None).contains("at most 1024"));
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub fn load(dir: &Path, model: &DecoderModel) -> Result<LoraAdapter> {
             store.f32(&ka, &[m.r, m.in_features]).with_context(|| format!("adapter {} does not match the base model", dir.display()))?;
         let b =
             store.f32(&kb, &[m.out_features, m.r]).with_context(|| format!("adapter {} does not match the base model", dir.display()))?;
+        if let Some(bad) = a.iter().chain(&b).find(|x| !x.is_finite()) {
+            bail!("{}: module {} holds a non-finite weight ({bad})", weights.display(), m.name);
+        }
         adapter.params[m.offset..m.offset + m.a_len()].copy_from_slice(&a);
         adapter.params[m.offset + m.a_len()..m.offset + m.a_len() + m.b_len()].copy_from_slice(&b);
         expected.insert(ka);

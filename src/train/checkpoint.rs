@@ -69,8 +69,11 @@ pub fn save(dir: &Path, adapter: &LoraAdapter, opt: &AdamW, state: &TrainerState
 /// Reads a checkpoint directory written by `save`.
 pub fn load(dir: &Path, model: &DecoderModel) -> Result<Checkpoint> {
     let state_path = dir.join(STATE_FILE);
-    let text =
-        std::fs::read_to_string(&state_path).with_context(|| format!("{} is not a lowrank checkpoint (no {STATE_FILE})", dir.display()))?;
+    crate::io::check_input_dir(dir, "checkpoint")?;
+    if std::fs::symlink_metadata(&state_path).is_err() {
+        bail!("{} is not a lowrank checkpoint (no {STATE_FILE})", dir.display());
+    }
+    let text = crate::io::read_input_text(&state_path, "trainer state")?;
     let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("parsing {}", state_path.display()))?;
     let adapter = lora::peft::load(dir, model)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
@@ -79,7 +82,7 @@ pub fn load(dir: &Path, model: &DecoderModel) -> Result<Checkpoint> {
     let m = store.f32("exp_avg", &[n])?;
     let v = store.f32("exp_avg_sq", &[n])?;
     let meta = |k: &str| -> Result<String> {
-        let bytes = std::fs::read(&opt_path)?;
+        let bytes = crate::io::read_input(&opt_path, "optimizer state")?;
         let (_, md) = safetensors::SafeTensors::read_metadata(&bytes)?;
         md.metadata().as_ref().and_then(|m| m.get(k).cloned()).with_context(|| format!("{}: no {k} in metadata", opt_path.display()))
     };
@@ -93,6 +96,12 @@ pub fn load(dir: &Path, model: &DecoderModel) -> Result<Checkpoint> {
         v,
         step: num("step")? as u64,
     };
+    use crate::limits::{check, Allowed};
+    let what = |k: &str| format!("{}: optimizer {k}", opt_path.display());
+    check(&what("beta1"), optimizer.beta1, Allowed::RightOpen(0.0, 1.0))?;
+    check(&what("beta2"), optimizer.beta2, Allowed::RightOpen(0.0, 1.0))?;
+    check(&what("eps"), optimizer.eps, Allowed::Positive)?;
+    check(&what("weight_decay"), optimizer.weight_decay, Allowed::NonNegative)?;
     if optimizer.step as usize != state.step {
         bail!("{}: optimizer step {} does not match trainer step {}", dir.display(), optimizer.step, state.step);
     }

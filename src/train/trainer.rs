@@ -476,11 +476,7 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
 }
 
 pub fn read_metrics(path: &Path) -> Result<Vec<Metric>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
+    let Some(text) = crate::io::read_optional_text(path, "metrics file")? else { return Ok(vec![]) };
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
