@@ -14,7 +14,7 @@ fn main() {
     let batch =
         lowrank::Batch::new(ids.iter().map(|&t| t as u32).collect(), mask.iter().map(|&m| m != 0).collect(), shape[0], shape[1]).unwrap();
     let lg = model.forward(&batch, &adapter).unwrap();
-    let base = model.forward(&batch, &lowrank::model::decoder::NoAdapter).unwrap();
+    let base = model.forward(&batch, &lowrank::model::adapt::NoAdapter).unwrap();
     let mut t = std::collections::BTreeMap::new();
     t.insert("logits".to_string(), (vec![lg.len()], lg));
     t.insert("base".to_string(), (vec![base.len()], base));

@@ -6,7 +6,7 @@ use crate::data::{to_batch, Sequence};
 use crate::kernels::matmul;
 use crate::lora::combine::{merge, unmerge};
 use crate::lora::{LoraAdapter, LoraConfig, TargetModules};
-use crate::model::decoder::{LowRankSource, NoAdapter};
+use crate::model::adapt::{LowRankSource, NoAdapter};
 use crate::model::DecoderModel;
 use crate::pretrained::Pretrained;
 use crate::rng::Rng;

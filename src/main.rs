@@ -8,7 +8,7 @@ use lowrank::infer::session::Session;
 use lowrank::infer::{exact_match, generate, GenerateParams, SamplingParams};
 use lowrank::lora::adapter::thousands;
 use lowrank::lora::combine::{add_weighted, merge, AdapterSet, Combination};
-use lowrank::model::decoder::{LowRankSource, NoAdapter};
+use lowrank::model::adapt::{LowRankSource, NoAdapter};
 use lowrank::model::WeightFormat;
 use lowrank::pretrained::Pretrained;
 use lowrank::train::trainer::{self, Metric, Progress, TrainConfig};

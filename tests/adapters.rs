@@ -7,7 +7,7 @@ use common::{fixture, max_abs_diff, smollm2, tmpdir};
 use lowrank::infer::{generate, GenerateParams, SamplingParams};
 use lowrank::lora::combine::{add_weighted, merge, unmerge, AdapterSet, Combination};
 use lowrank::lora::{self, LoraAdapter};
-use lowrank::model::decoder::{ModuleKind, NoAdapter};
+use lowrank::model::adapt::{ModuleKind, NoAdapter};
 use lowrank::model::gguf::{unpermute_rows, GgufFile};
 use lowrank::{Batch, DecoderModel};
 use std::io::Write;
@@ -267,7 +267,7 @@ fn peft_trained_smollm2_adapter_gives_peft_loss() {
         .collect();
     let (seqs, _) = lowrank::data::make_sequences(&examples, 512, false).unwrap();
     let eos = p.tokenizer.eos_id.unwrap();
-    for (ad, key) in [(&adapter as &dyn lowrank::model::decoder::LowRankSource, "peft_eval_loss"), (&NoAdapter, "base_eval_loss")] {
+    for (ad, key) in [(&adapter as &dyn lowrank::model::adapt::LowRankSource, "peft_eval_loss"), (&NoAdapter, "base_eval_loss")] {
         let got = lowrank::train::trainer::evaluate(&p.model, ad, &seqs, 8, eos).unwrap().mean();
         let want = reference[key].as_f64().unwrap();
         assert!((got - want).abs() <= 1e-4 * want, "{key}: lowrank {got} vs PEFT {want}");

@@ -392,11 +392,11 @@ fn gguf_model(c: &Corpus, rng: &mut Rng, cli: bool) -> anyhow::Result<()> {
         cli_ok(&["generate", "--model", p.to_str().unwrap(), "--prompt", "hi", "--max-new-tokens", "2"]);
     }
     let model = lowrank::DecoderModel::from_gguf(&f, lowrank::model::WeightFormat::F32)?;
-    run_model(&model, &lowrank::model::decoder::NoAdapter)
+    run_model(&model, &lowrank::model::adapt::NoAdapter)
 }
 
 /// A short forward pass and two decode steps; token ids within the model's vocabulary.
-fn run_model(model: &lowrank::DecoderModel, ad: &dyn lowrank::model::decoder::LowRankSource) -> anyhow::Result<()> {
+fn run_model(model: &lowrank::DecoderModel, ad: &dyn lowrank::model::adapt::LowRankSource) -> anyhow::Result<()> {
     let v = model.config.vocab_size as u32;
     let ids: Vec<u32> = [1u32, 17, 300, 5].iter().map(|t| t % v).collect();
     let batch = lowrank::Batch::right_padded(std::slice::from_ref(&ids), 0)?;
@@ -506,7 +506,7 @@ fn config_json(c: &Corpus, rng: &mut Rng, _cli: bool) -> anyhow::Result<()> {
     let config = lowrank::model::DecoderConfig::from_json(&v)?;
     let store = lowrank::model::TensorStore::open_dir(&fixture("tiny-llama/model"))?;
     let model = lowrank::DecoderModel::from_weights(config, &store, lowrank::model::WeightFormat::F32)?;
-    run_model(&model, &lowrank::model::decoder::NoAdapter)
+    run_model(&model, &lowrank::model::adapt::NoAdapter)
 }
 
 fn chat_template(c: &Corpus, rng: &mut Rng, cli: bool) -> anyhow::Result<()> {

@@ -57,7 +57,7 @@ fn smollm2_logits_match_transformers() {
         let (ids, _) = want.i64(&format!("prompt{i}.ids")).unwrap();
         let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
         let n = ids.len();
-        let logits = p.model.forward(&Batch::right_padded(&[ids], 0).unwrap(), &lowrank::model::decoder::NoAdapter).unwrap();
+        let logits = p.model.forward(&Batch::right_padded(&[ids], 0).unwrap(), &lowrank::model::adapt::NoAdapter).unwrap();
         let (head, _) = want.f32_any(&format!("prompt{i}.last_logits_head")).unwrap();
         let err = max_abs_diff(&logits[(n - 1) * v..(n - 1) * v + head.len()], &head);
         assert!(err <= 1e-3, "prompt {i}: last-position logits max-abs diff {err}");

@@ -157,7 +157,7 @@ fn fresh_adapter_is_the_base_model_and_reports_trainable_parameters() {
     let c = load_case("tiny-llama");
     let fresh = LoraAdapter::new(lowrank::LoraConfig::default(), &c.model, 0).unwrap();
     // B = 0 at init: the adapted model computes exactly the base model.
-    let base = c.model.forward(&c.batch, &lowrank::model::decoder::NoAdapter).unwrap();
+    let base = c.model.forward(&c.batch, &lowrank::model::adapt::NoAdapter).unwrap();
     assert_eq!(c.model.forward(&c.batch, &fresh).unwrap(), base);
     // A is kaiming-uniform: within ±1/√in and not all zero.
     let m = &fresh.modules[0];

@@ -111,7 +111,7 @@ fn training_on_a_q4_1_base_trains_the_adapter() {
     let adapter = lowrank::lora::peft::load(&cfg.output.join("adapter"), &p.model).unwrap();
     let data = trainer::prepare_data(&cfg, p).unwrap();
     let on_f32 = trainer::evaluate(&p.model, &adapter, &data.eval, 4, p.tokenizer.eos_id.unwrap()).unwrap().mean();
-    let base = trainer::evaluate(&p.model, &lowrank::model::decoder::NoAdapter, &data.eval, 4, p.tokenizer.eos_id.unwrap()).unwrap().mean();
+    let base = trainer::evaluate(&p.model, &lowrank::model::adapt::NoAdapter, &data.eval, 4, p.tokenizer.eos_id.unwrap()).unwrap().mean();
     let q4 = s.final_eval_loss.unwrap();
     assert!(on_f32 < 0.7 * base && (on_f32 - q4).abs() < 0.1 * q4, "eval loss: base {base}, adapter on f32 {on_f32}, on q4_1 {q4}");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -3,7 +3,7 @@
 
 use super::{generate, GenerateParams, SamplingParams};
 use crate::data::{ChatTemplate, Record};
-use crate::model::decoder::LowRankSource;
+use crate::model::adapt::LowRankSource;
 use crate::pretrained::Pretrained;
 use anyhow::{bail, Result};
 

@@ -4,7 +4,7 @@
 pub mod exact_match;
 pub mod session;
 
-use crate::model::decoder::LowRankSource;
+use crate::model::adapt::LowRankSource;
 use crate::model::DecoderModel;
 use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;

@@ -2,7 +2,7 @@
 //! unmerged (switching is free) or merged into the weights (zero overhead per token).
 
 use crate::lora::combine::{merge, unmerge, AdapterSet};
-use crate::model::decoder::{LowRankSource, NoAdapter};
+use crate::model::adapt::{LowRankSource, NoAdapter};
 use crate::model::DecoderModel;
 use crate::pretrained::Pretrained;
 use anyhow::Result;

@@ -3,9 +3,13 @@
 //! (`[out, r]`) right after it; gradients use the same layout.
 
 use super::config::LoraConfig;
-use crate::model::decoder::{DecoderModel, LowRank, LowRankSource, ModuleKind};
+use crate::model::{
+    adapt::{LowRank, LowRankSource, ModuleKind},
+    decoder::DecoderModel,
+};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
+use std::collections::HashMap;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraModule {
@@ -39,40 +43,50 @@ pub struct LoraAdapter {
     pub config: LoraConfig,
     pub modules: Vec<LoraModule>,
     pub params: Vec<f32>,
-    /// `slots[layer][kind]` → index into `modules`.
-    slots: Vec<[Option<usize>; 7]>,
+    /// (layer, module kind) → index into `modules`.
+    slots: HashMap<(usize, ModuleKind), usize>,
 }
 
 impl LoraAdapter {
     /// The adapter's structure for `model` with all weights zero.
     pub fn zeros(config: LoraConfig, model: &DecoderModel) -> Result<Self> {
         let candidates = model.linear_modules();
-        let names: Vec<String> = candidates.iter().map(|c| c.0.clone()).collect();
+        let names: Vec<String> = candidates.iter().map(|c| c.name.clone()).collect();
         let selected = config.select(&names)?;
-        let mut modules = Vec::with_capacity(selected.len());
-        let mut slots = vec![[None; 7]; model.config.num_layers];
-        let mut offset = 0usize;
+        let spec = |name: &str| candidates.iter().find(|c| c.name == name).expect("selected from candidates");
         for s in &selected {
-            let (_, _, _, inf, outf) = candidates.iter().find(|c| c.0 == s.name).expect("selected from candidates");
-            let most = (*inf).min(*outf);
+            let c = spec(&s.name);
+            let most = c.in_features.min(c.out_features);
             if s.r > most {
-                bail!("LoRA rank {} for {} exceeds the module's dimensions ({inf} in, {outf} out): r must be at most {most}", s.r, s.name);
+                bail!(
+                    "LoRA rank {} for {} exceeds the module's dimensions ({} in, {} out): r must be at most {most}",
+                    s.r,
+                    s.name,
+                    c.in_features,
+                    c.out_features
+                );
             }
         }
-        let total: u128 = selected
-            .iter()
-            .map(|s| {
-                let (_, _, _, inf, outf) = candidates.iter().find(|c| c.0 == s.name).expect("selected from candidates");
-                s.r as u128 * (*inf + *outf) as u128
-            })
-            .sum();
+        let total: u128 = selected.iter().map(|s| s.r as u128 * (spec(&s.name).in_features + spec(&s.name).out_features) as u128).sum();
         // The weights, and during training their gradients and two optimizer moments.
         crate::limits::ensure_memory(4 * total, &format!("an adapter of {total} parameters"))?;
+        let mut modules = Vec::with_capacity(selected.len());
+        let mut slots = HashMap::with_capacity(selected.len());
+        let mut offset = 0usize;
         for s in selected {
-            let (_, layer, kind, in_features, out_features) =
-                candidates.iter().find(|c| c.0 == s.name).cloned().expect("selected from candidates");
-            slots[layer][kind.index()] = Some(modules.len());
-            let m = LoraModule { name: s.name, layer, kind, r: s.r, alpha: s.alpha, scale: s.scale, in_features, out_features, offset };
+            let c = spec(&s.name);
+            slots.insert((c.layer, c.kind), modules.len());
+            let m = LoraModule {
+                name: s.name,
+                layer: c.layer,
+                kind: c.kind,
+                r: s.r,
+                alpha: s.alpha,
+                scale: s.scale,
+                in_features: c.in_features,
+                out_features: c.out_features,
+                offset,
+            };
             offset += m.a_len() + m.b_len();
             modules.push(m);
         }
@@ -94,7 +108,7 @@ impl LoraAdapter {
     }
 
     pub fn module(&self, layer: usize, kind: ModuleKind) -> Option<&LoraModule> {
-        self.slots.get(layer)?[kind.index()].map(|i| &self.modules[i])
+        self.slots.get(&(layer, kind)).map(|&i| &self.modules[i])
     }
 
     pub fn a(&self, m: &LoraModule) -> &[f32] {

@@ -5,7 +5,10 @@
 use super::adapter::LoraAdapter;
 use super::config::TargetModules;
 use crate::kernels::matmul;
-use crate::model::decoder::{DecoderModel, LowRank, LowRankSource, ModuleKind};
+use crate::model::{
+    adapt::{LowRank, LowRankSource, ModuleKind},
+    decoder::DecoderModel,
+};
 use anyhow::{bail, Result};
 
 /// Adapters loaded side by side, unmerged; `active` picks the one the model applies.

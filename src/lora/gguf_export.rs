@@ -9,8 +9,8 @@
 //! for q_proj and k_proj are permuted the same way.
 
 use super::adapter::LoraAdapter;
+use crate::model::adapt::ModuleKind;
 use crate::model::config::{Arch, DecoderConfig};
-use crate::model::decoder::ModuleKind;
 use crate::model::gguf::{hf_to_gguf_name, permute_rows, GgufValue, GgufWriter};
 use anyhow::{bail, Context, Result};
 

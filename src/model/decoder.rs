@@ -4,122 +4,18 @@
 //! and for the activations needed to reach them. Per layer, the forward pass keeps exactly the
 //! tensors its backward reads (`LayerActs`).
 
+use super::adapt::{linear_backward, linear_forward, module_name, project, Linear, LowRankActs, LowRankSource, ModuleKind, ModuleSpec};
 use super::config::DecoderConfig;
 use super::frozen::{FrozenMatrix, WeightFormat};
 use super::weights::{TensorStore, WeightSource};
+use crate::kernels::activations;
 use crate::kernels::attention::{attention_backward, attention_forward, AttnShape};
-use crate::kernels::dropout::DropoutMask;
 use crate::kernels::loss::{lm_head_cross_entropy, LossSum};
 use crate::kernels::norm::{rmsnorm_apply, rmsnorm_backward, rmsnorm_forward};
 use crate::kernels::rope::{from_heads, inverse_frequencies, to_heads, HeadLayout, RopeAngles};
-use crate::kernels::{activations, matmul};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use std::path::Path;
-
-/// The seven linear modules of a decoder layer, in the order PEFT lists them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ModuleKind {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl ModuleKind {
-    pub const ALL: [ModuleKind; 7] = [Self::Q, Self::K, Self::V, Self::O, Self::Gate, Self::Up, Self::Down];
-
-    /// Path inside a layer, as in Hugging Face module names.
-    pub fn path(self) -> &'static str {
-        match self {
-            Self::Q => "self_attn.q_proj",
-            Self::K => "self_attn.k_proj",
-            Self::V => "self_attn.v_proj",
-            Self::O => "self_attn.o_proj",
-            Self::Gate => "mlp.gate_proj",
-            Self::Up => "mlp.up_proj",
-            Self::Down => "mlp.down_proj",
-        }
-    }
-
-    /// The last name component (`q_proj`), which PEFT's target_modules usually names.
-    pub fn short_name(self) -> &'static str {
-        self.path().rsplit('.').next().unwrap()
-    }
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// Full module name of a layer's linear module, e.g. `model.layers.3.self_attn.q_proj`.
-pub fn module_name(layer: usize, kind: ModuleKind) -> String {
-    format!("model.layers.{layer}.{}", kind.path())
-}
-
-/// A frozen linear layer: y = x·Wᵀ + b with W stored `[out, in]` as in PyTorch.
-pub struct Linear {
-    pub w: FrozenMatrix,
-    pub bias: Option<Vec<f32>>,
-    pub in_features: usize,
-    pub out_features: usize,
-}
-
-impl Linear {
-    fn forward(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        project(&self.w, x, rows, y);
-        if let Some(b) = &self.bias {
-            for row in y.chunks_mut(self.out_features) {
-                for (v, bb) in row.iter_mut().zip(b) {
-                    *v += bb;
-                }
-            }
-        }
-    }
-}
-
-/// `y[rows × w.rows] = x · Wᵀ`: a few rows (decoding) straight from the stored format, more
-/// (prefill, training) through a GEMM (`FrozenMatrix::matmul_t`).
-fn project(w: &FrozenMatrix, x: &[f32], rows: usize, y: &mut [f32]) {
-    if rows <= DECODE_ROWS {
-        w.gemv(x, rows, y, 1.0, false);
-    } else {
-        w.matmul_t(x, rows, y);
-    }
-}
-
-/// Up to this many rows a product with a frozen matrix is a matrix-vector product.
-const DECODE_ROWS: usize = 4;
-
-/// One low-rank update attached to a linear module, as the forward and backward passes see it:
-/// y += scale·(drop(x)·Aᵀ)·Bᵀ with A `[r, in]` and B `[out, r]`. Its gradient lives in a flat buffer
-/// laid out like the parameters: dA at `grad_offset`, dB right after it.
-#[derive(Clone, Copy)]
-pub struct LowRank<'a> {
-    pub a: &'a [f32],
-    pub b: &'a [f32],
-    pub r: usize,
-    pub scale: f32,
-    pub dropout: f32,
-    pub grad_offset: usize,
-}
-
-/// Where the model finds the adapters attached to its modules (one adapter, or none).
-pub trait LowRankSource {
-    fn lookup(&self, layer: usize, kind: ModuleKind) -> Option<LowRank<'_>>;
-}
-
-/// No adapter at all: the base model.
-pub struct NoAdapter;
-
-impl LowRankSource for NoAdapter {
-    fn lookup(&self, _: usize, _: ModuleKind) -> Option<LowRank<'_>> {
-        None
-    }
-}
 
 pub struct Layer {
     pub attn_norm: Vec<f32>,
@@ -183,14 +79,6 @@ impl Batch {
     }
 }
 
-/// What a low-rank path keeps for backward.
-struct LowRankActs {
-    /// drop(x)·Aᵀ, `[rows, r]`.
-    u: Vec<f32>,
-    /// Which input elements dropout kept, when it was applied.
-    keep: Option<DropoutMask>,
-}
-
 /// What one pass over the layers needs besides weights: the attention shape (queries, keys,
 /// their positions), the key mask and the rotary angles of the new tokens.
 struct StepCtx<'a> {
@@ -247,65 +135,6 @@ struct LayerActs {
     gate: Vec<f32>,
     up: Vec<f32>,
     lowrank: Vec<Option<LowRankActs>>,
-}
-
-/// y = lin(x) + scale·(drop(x)·Aᵀ)·Bᵀ.
-fn linear_forward(lin: &Linear, lr: Option<LowRank>, x: &[f32], rows: usize, y: &mut [f32], rng: Option<&mut Rng>) -> Option<LowRankActs> {
-    lin.forward(x, rows, y);
-    let lr = lr?;
-    let keep = match rng {
-        Some(rng) if lr.dropout > 0.0 => Some(DropoutMask::sample(rng, x.len(), lr.dropout)),
-        _ => None,
-    };
-    let dropped: Option<Vec<f32>> = keep.as_ref().map(|k| k.apply(x));
-    let xd = dropped.as_deref().unwrap_or(x);
-    let mut u = vec![0.0; rows * lr.r];
-    matmul(&mut u, xd, false, lr.a, true, rows, lr.r, lin.in_features, 1.0, false);
-    matmul(y, &u, false, lr.b, true, rows, lin.out_features, lr.r, lr.scale, true);
-    Some(LowRankActs { u, keep })
-}
-
-/// Backward of `linear_forward`: accumulates dA, dB into `grads`, and writes (or, with
-/// `accumulate`, adds) dL/dx into `dx` when it is wanted. W and its bias are frozen.
-#[allow(clippy::too_many_arguments)]
-fn linear_backward(
-    lin: &Linear,
-    lr: Option<LowRank>,
-    acts: Option<&LowRankActs>,
-    x: &[f32],
-    dy: &[f32],
-    rows: usize,
-    grads: &mut [f32],
-    dx: Option<&mut [f32]>,
-    accumulate: bool,
-) {
-    let (inf, outf) = (lin.in_features, lin.out_features);
-    let mut dx = dx;
-    if let Some(dx) = dx.as_deref_mut() {
-        lin.w.matmul_back(dy, rows, dx, accumulate);
-    }
-    let (Some(lr), Some(acts)) = (lr, acts) else {
-        return;
-    };
-    let r = lr.r;
-    let (ga, rest) = grads[lr.grad_offset..].split_at_mut(r * inf);
-    let gb = &mut rest[..outf * r];
-    let mut g = vec![0.0; rows * r];
-    matmul(&mut g, dy, false, lr.b, false, rows, r, outf, 1.0, false);
-    matmul(gb, dy, true, &acts.u, false, outf, r, rows, lr.scale, true);
-    let dropped: Option<Vec<f32>> = acts.keep.as_ref().map(|k| k.apply(x));
-    matmul(ga, &g, true, dropped.as_deref().unwrap_or(x), false, r, inf, rows, lr.scale, true);
-    if let Some(dx) = dx {
-        match &acts.keep {
-            None => matmul(dx, &g, false, lr.a, false, rows, inf, r, lr.scale, true),
-            Some(keep) => {
-                let mut t = vec![0.0; rows * inf];
-                matmul(&mut t, &g, false, lr.a, false, rows, inf, r, lr.scale, false);
-                keep.apply_in_place(&mut t);
-                dx.iter_mut().zip(&t).for_each(|(d, t)| *d += t);
-            }
-        }
-    }
 }
 
 impl DecoderModel {
@@ -443,13 +272,13 @@ impl DecoderModel {
         }
     }
 
-    /// Every linear module an adapter may target: (name, layer, kind, in, out).
-    pub fn linear_modules(&self) -> Vec<(String, usize, ModuleKind, usize, usize)> {
+    /// Every linear module an adapter may target.
+    pub fn linear_modules(&self) -> Vec<ModuleSpec> {
         (0..self.config.num_layers)
-            .flat_map(|l| {
-                ModuleKind::ALL.into_iter().map(move |k| {
-                    let (i, o) = Self::module_shape(&self.config, k);
-                    (module_name(l, k), l, k, i, o)
+            .flat_map(|layer| {
+                ModuleKind::ALL.into_iter().map(move |kind| {
+                    let (in_features, out_features) = Self::module_shape(&self.config, kind);
+                    ModuleSpec { name: module_name(layer, kind), layer, kind, in_features, out_features }
                 })
             })
             .collect()
@@ -849,6 +678,7 @@ mod tests {
     use super::*;
     use crate::kernels::testutil::check_directional_eps;
     use crate::lora::{LoraAdapter, LoraConfig, TargetModules};
+    use crate::model::adapt::NoAdapter;
 
     fn tiny(arch: &str, window: Option<usize>) -> DecoderConfig {
         let mut v = serde_json::json!({"model_type": arch, "vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,

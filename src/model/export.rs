@@ -1,7 +1,8 @@
 //! Writing a decoder back out as a Hugging Face directory (config.json, model.safetensors and,
 //! when given, the tokenizer files) that transformers loads.
 
-use super::decoder::{DecoderModel, ModuleKind};
+use super::adapt::ModuleKind;
+use super::decoder::DecoderModel;
 use super::weights::serialize_f32;
 use crate::io::atomic_write;
 use crate::tokenizer::Tokenizer;

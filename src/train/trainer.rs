@@ -8,7 +8,7 @@ use crate::data::{make_sequences, read_jsonl, to_batch, Cursor, Encoder, Format,
 use crate::io::atomic_write;
 use crate::kernels::loss::LossSum;
 use crate::lora::{self, LoraAdapter, LoraConfig, TargetModules};
-use crate::model::decoder::LowRankSource;
+use crate::model::adapt::LowRankSource;
 use crate::model::{DecoderModel, WeightFormat};
 use crate::pretrained::Pretrained;
 use crate::rng::Rng;
