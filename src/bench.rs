@@ -7,6 +7,7 @@ use crate::kernels::matmul;
 use crate::lora::combine::{merge, unmerge};
 use crate::lora::{LoraAdapter, LoraConfig, TargetModules};
 use crate::model::adapt::{LowRankSource, NoAdapter};
+use crate::model::decoder::SeqStep;
 use crate::model::DecoderModel;
 use crate::pretrained::Pretrained;
 use crate::rng::Rng;
@@ -122,14 +123,14 @@ pub fn train(p: &Pretrained, b: &TrainBench) -> Result<Value> {
 
 /// Decode tokens/s after a prompt, and prefill tokens/s, for one adapter source.
 fn decode_speed(model: &DecoderModel, ad: &dyn LowRankSource, prompt: &[u32], new_tokens: usize) -> Result<(f64, f64)> {
-    let mut cache = model.new_cache(1, prompt.len() + new_tokens + 1)?;
+    let mut cache = model.new_seq_cache(prompt.len() + new_tokens + 1)?;
     let t = Instant::now();
-    let mut logits = model.forward_step(prompt, &vec![true; prompt.len()], &mut cache, ad)?;
+    let mut logits = model.step(&mut [SeqStep { cache: &mut cache, tokens: prompt, adapter: Some((ad, 1.0)) }])?;
     let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     for _ in 0..new_tokens {
         let next = logits.iter().enumerate().fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0 as u32;
-        logits = model.forward_step(&[next], &[true], &mut cache, ad)?;
+        logits = model.step(&mut [SeqStep { cache: &mut cache, tokens: &[next], adapter: Some((ad, 1.0)) }])?;
     }
     Ok((new_tokens as f64 / t.elapsed().as_secs_f64(), prefill))
 }

@@ -401,9 +401,10 @@ fn run_model(model: &lowrank::DecoderModel, ad: &dyn lowrank::model::adapt::LowR
     let ids: Vec<u32> = [1u32, 17, 300, 5].iter().map(|t| t % v).collect();
     let batch = lowrank::Batch::right_padded(std::slice::from_ref(&ids), 0)?;
     model.forward(&batch, ad)?;
-    let mut cache = model.new_cache(1, 8)?;
-    model.forward_step(&ids[..2], &[true, true], &mut cache, ad)?;
-    model.forward_step(&ids[2..3], &[true], &mut cache, ad)?;
+    use lowrank::model::decoder::SeqStep;
+    let mut cache = model.new_seq_cache(8)?;
+    model.step(&mut [SeqStep { cache: &mut cache, tokens: &ids[..2], adapter: Some((ad, 1.0)) }])?;
+    model.step(&mut [SeqStep { cache: &mut cache, tokens: &ids[2..3], adapter: Some((ad, 1.0)) }])?;
     Ok(())
 }
 

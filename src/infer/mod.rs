@@ -5,6 +5,7 @@ pub mod exact_match;
 pub mod session;
 
 use crate::model::adapt::LowRankSource;
+use crate::model::decoder::{SeqCache, SeqStep};
 use crate::model::DecoderModel;
 use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
@@ -124,41 +125,43 @@ pub fn generate(
             model.config.max_position_embeddings
         );
     }
-    let mut cache = model.new_cache(b, capacity)?;
-    let mut tokens = Vec::with_capacity(b * plen);
-    let mut mask = Vec::with_capacity(b * plen);
-    for p in prompts {
-        tokens.extend(std::iter::repeat_n(0, plen - p.len()).chain(p.iter().copied()));
-        mask.extend((0..plen).map(|i| i >= plen - p.len()));
-    }
-    let mut logits = model.forward_step(&tokens, &mask, &mut cache, ad)?;
+    // One cache per prompt, sized by that prompt and the new tokens; a finished row frees its own.
+    let bytes: u128 = prompts.iter().map(|p| model.kv_bytes(p.len() + params.max_new_tokens)).sum();
+    crate::limits::ensure_memory(bytes, &format!("the KV caches of {b} prompts"))?;
+    let mut caches: Vec<Option<SeqCache>> =
+        prompts.iter().map(|p| model.new_seq_cache(p.len() + params.max_new_tokens).map(Some)).collect::<Result<_>>()?;
     let v = model.config.vocab_size;
     let mut rng = Rng::new(params.sampling.seed);
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut done = vec![false; b];
     let mut shown = vec![0usize; b];
+    // Rows still generating, and the tokens each adds in the next step (first its prompt).
+    let mut active: Vec<usize> = (0..b).collect();
+    let mut next: Vec<Vec<u32>> = prompts.to_vec();
     for _ in 0..params.max_new_tokens {
-        let mut next = vec![0u32; b];
-        for r in 0..b {
-            if done[r] {
-                continue;
+        let mut steps: Vec<SeqStep> = Vec::with_capacity(active.len());
+        for (r, cache) in caches.iter_mut().enumerate() {
+            if let Some(cache) = cache {
+                steps.push(SeqStep { cache, tokens: &next[r], adapter: Some((ad, 1.0)) });
             }
+        }
+        let mut logits = model.step(&mut steps)?;
+        drop(steps);
+        let mut still = Vec::with_capacity(active.len());
+        for (i, &r) in active.iter().enumerate() {
             let history: Vec<u32> = prompts[r].iter().chain(&out[r]).copied().collect();
-            let t = sample(&mut logits[r * v..(r + 1) * v], &history, &params.sampling, &mut rng);
-            next[r] = t;
-            if params.stop_ids.contains(&t) {
-                done[r] = true;
-                continue;
+            let t = sample(&mut logits[i * v..(i + 1) * v], &history, &params.sampling, &mut rng);
+            let mut done = params.stop_ids.contains(&t);
+            if !done {
+                out[r].push(t);
             }
-            out[r].push(t);
-            if !params.stop_strings.is_empty() || on_text.is_some() {
+            if !done && (!params.stop_strings.is_empty() || on_text.is_some()) {
                 let text = tok.decode(&out[r], true)?;
                 if let Some(cut) = params.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
                     // Drop tokens until the text no longer reaches the stop string.
                     while !out[r].is_empty() && tok.decode(&out[r], true)?.len() > cut {
                         out[r].pop();
                     }
-                    done[r] = true;
+                    done = true;
                 }
                 if let Some(f) = on_text.as_deref_mut() {
                     let text = tok.decode(&out[r], true)?;
@@ -169,12 +172,17 @@ pub fn generate(
                     }
                 }
             }
+            if done {
+                caches[r] = None;
+            } else {
+                next[r] = vec![t];
+                still.push(r);
+            }
         }
-        if done.iter().all(|&d| d) {
+        active = still;
+        if active.is_empty() {
             break;
         }
-        let step_mask: Vec<bool> = vec![true; b];
-        logits = model.forward_step(&next, &step_mask, &mut cache, ad)?;
     }
     Ok(out)
 }

@@ -197,3 +197,28 @@ pub(crate) fn linear_backward(
         }
     }
 }
+
+/// A run of consecutive rows of a batch that share one low-rank update (or none). A batch whose
+/// rows carry different adapters is cut into such runs (rows sorted by adapter make them long).
+#[derive(Clone)]
+pub struct Segment<'a> {
+    pub rows: std::ops::Range<usize>,
+    pub lowrank: Option<LowRank<'a>>,
+}
+
+/// Inference with a different adapter per run of rows: y = lin(x) for all rows in one frozen
+/// product, then y[seg] += scale·(x[seg]·Aᵀ)·Bᵀ per segment (no dropout). The frozen weights are
+/// read once whatever the number of adapters; only the small low-rank products multiply.
+pub(crate) fn linear_forward_segments(lin: &Linear, segments: &[Segment], x: &[f32], rows: usize, y: &mut [f32]) {
+    lin.forward(x, rows, y);
+    let (inf, outf) = (lin.in_features, lin.out_features);
+    for seg in segments {
+        let Some(lr) = seg.lowrank else { continue };
+        let n = seg.rows.len();
+        let xs = &x[seg.rows.start * inf..seg.rows.end * inf];
+        let ys = &mut y[seg.rows.start * outf..seg.rows.end * outf];
+        let mut u = vec![0.0; n * lr.r];
+        matmul(&mut u, xs, false, lr.a, true, n, lr.r, inf, 1.0, false);
+        matmul(ys, &u, false, lr.b, true, n, outf, lr.r, lr.scale, true);
+    }
+}

@@ -4,7 +4,10 @@
 //! and for the activations needed to reach them. Per layer, the forward pass keeps exactly the
 //! tensors its backward reads (`LayerActs`).
 
-use super::adapt::{linear_backward, linear_forward, module_name, project, Linear, LowRankActs, LowRankSource, ModuleKind, ModuleSpec};
+use super::adapt::{
+    linear_backward, linear_forward, linear_forward_segments, module_name, project, Linear, LowRank, LowRankActs, LowRankSource,
+    ModuleKind, ModuleSpec, Segment,
+};
 use super::config::DecoderConfig;
 use super::frozen::{FrozenMatrix, WeightFormat};
 use super::weights::{TensorStore, WeightSource};
@@ -96,27 +99,88 @@ impl StepCtx<'_> {
     }
 }
 
-/// Keys and values of earlier positions for incremental decoding, per layer
-/// `[batch, kv_heads, capacity, head_dim]`, with the key mask `[batch, capacity]`.
-pub struct KvCache {
+/// The keys and values one sequence has seen, per layer `[kv_heads, capacity, head_dim]`, for
+/// incremental decoding. Each sequence owns its cache: sequences of a batch may stand at
+/// different positions, join a running batch or leave it (dropping the cache frees its memory).
+pub struct SeqCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
-    mask: Vec<bool>,
-    pub len: usize,
-    pub capacity: usize,
-    pub batch: usize,
+    len: usize,
+    capacity: usize,
 }
 
-impl KvCache {
-    /// Stores the new tokens' keys and values (head-major `[batch, kv_heads, new, head_dim]`).
+impl SeqCache {
+    /// Positions stored so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes the cache holds.
+    pub fn bytes(&self) -> usize {
+        4 * self.k.iter().chain(&self.v).map(Vec::len).sum::<usize>()
+    }
+
+    /// Stores `new` positions of layer `layer` (head-major `[kv_heads, new, head_dim]`) after the
+    /// cached ones.
     fn store(&mut self, layer: usize, k_new: &[f32], v_new: &[f32], kv_heads: usize, hd: usize, new: usize) {
         for (cache, src) in [(&mut self.k[layer], k_new), (&mut self.v[layer], v_new)] {
-            for bk in 0..self.batch * kv_heads {
-                let dst = (bk * self.capacity + self.len) * hd;
-                cache[dst..dst + new * hd].copy_from_slice(&src[bk * new * hd..(bk + 1) * new * hd]);
+            for h in 0..kv_heads {
+                let dst = (h * self.capacity + self.len) * hd;
+                cache[dst..dst + new * hd].copy_from_slice(&src[h * new * hd..(h + 1) * new * hd]);
             }
         }
     }
+}
+
+/// One sequence's part of an inference step: its cache, the tokens it adds (a prompt, a chunk
+/// of one, or the last sampled token) and the adapter it runs with, with a scale.
+pub struct SeqStep<'a> {
+    pub cache: &'a mut SeqCache,
+    pub tokens: &'a [u32],
+    pub adapter: Option<(&'a dyn LowRankSource, f32)>,
+}
+
+/// Where one sequence's new tokens sit in a step's rows, with their rotary angles.
+struct SeqRows<'a> {
+    cache: &'a mut SeqCache,
+    start: usize,
+    new: usize,
+    angles: RopeAngles,
+}
+
+/// Runs one linear module of a layer on token rows: (module, input, output width) → output.
+type Project<'a> = dyn FnMut(ModuleKind, &[f32], usize) -> Vec<f32> + 'a;
+/// Token-major q, k, v → token-major attention output, and what backward needs of it.
+type Attend<'a> = dyn FnMut(&[f32], &[f32], &[f32]) -> (Vec<f32>, Option<AttnActs>) + 'a;
+/// A run of a step's rows and the adapter (with its scale) they run with.
+type RowRun<'a> = (std::ops::Range<usize>, Option<(&'a dyn LowRankSource, f32)>);
+
+/// What a layer's attention keeps for the backward pass (head-major).
+struct AttnActs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+/// What one layer pass produced besides its output.
+struct PassActs {
+    x_in: Vec<f32>,
+    rstd1: Vec<f32>,
+    attn: Option<AttnActs>,
+    h2: Vec<f32>,
+    rstd2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
 }
 
 /// Everything one layer's backward reads. Head-major tensors are `[batch, heads, seq, head_dim]`.
@@ -356,54 +420,24 @@ impl DecoderModel {
         self.step_ctx(batch.batch_size, batch.seq_len, 0, batch.seq_len, &batch.mask)
     }
 
-    /// One layer forward; `h` (`[tokens, hidden]`) is updated in place and the saved
-    /// activations are returned.
-    fn layer_forward(
-        &self,
-        l: usize,
-        h: &mut [f32],
-        ctx: &StepCtx,
-        ad: &dyn LowRankSource,
-        mut rng: Option<&mut Rng>,
-        cache: Option<&mut KvCache>,
-    ) -> LayerActs {
+    /// One layer over `n` token rows, `h` (`[n, hidden]`) updated in place. `proj` runs a linear
+    /// module (with whatever adapters apply) and `attend` turns token-major q, k, v into the
+    /// token-major attention output: the two ways of running a layer (a training batch, and
+    /// sequences with KV caches) differ only there.
+    fn layer_pass(&self, l: usize, h: &mut [f32], n: usize, proj: &mut Project, attend: &mut Attend) -> PassActs {
         let c = &self.config;
         let layer = &self.layers[l];
-        let n = ctx.tokens();
         let (d, hd) = (c.hidden_size, c.head_dim);
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
-        let lin = |k: ModuleKind| &layer.linear[k.index()];
-        let mut lowrank: Vec<Option<LowRankActs>> = (0..7).map(|_| None).collect();
-        let mut proj = |k: ModuleKind, x: &[f32], out: usize, lowrank: &mut Vec<Option<LowRankActs>>| {
-            let mut y = vec![0.0; n * out];
-            lowrank[k.index()] = linear_forward(lin(k), ad.lookup(l, k), x, n, &mut y, rng.as_deref_mut());
-            y
-        };
-
         let x_in = h.to_vec();
         let mut xn1 = vec![0.0; n * d];
         let mut rstd1 = vec![0.0; n];
         rmsnorm_forward(h, &layer.attn_norm, c.rms_norm_eps, &mut xn1, &mut rstd1);
-        let q_tok = proj(ModuleKind::Q, &xn1, qd, &mut lowrank);
-        let k_tok = proj(ModuleKind::K, &xn1, kvd, &mut lowrank);
-        let v_tok = proj(ModuleKind::V, &xn1, kvd, &mut lowrank);
-        let (ql, kl) = (ctx.layout(c.num_heads), ctx.layout(c.num_kv_heads));
-        let (mut q, mut k, mut v) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
-        to_heads(&q_tok, &mut q, ql, Some(&ctx.angles));
-        to_heads(&k_tok, &mut k, kl, Some(&ctx.angles));
-        to_heads(&v_tok, &mut v, kl, None);
-        let mut attn = vec![0.0; n * qd];
-        let mut lse = vec![0.0; n * c.num_heads];
-        match cache {
-            Some(cache) => {
-                cache.store(l, &k, &v, c.num_kv_heads, hd, ctx.shape.q_len);
-                attention_forward(&q, &cache.k[l], &cache.v[l], ctx.key_mask, ctx.shape, &mut attn, &mut lse);
-            }
-            None => attention_forward(&q, &k, &v, ctx.key_mask, ctx.shape, &mut attn, &mut lse),
-        }
-        let mut attn_tokens = vec![0.0; n * qd];
-        from_heads(&attn, &mut attn_tokens, ql, None);
-        let o = proj(ModuleKind::O, &attn_tokens, d, &mut lowrank);
+        let q_tok = proj(ModuleKind::Q, &xn1, qd);
+        let k_tok = proj(ModuleKind::K, &xn1, kvd);
+        let v_tok = proj(ModuleKind::V, &xn1, kvd);
+        let (attn_tokens, attn) = attend(&q_tok, &k_tok, &v_tok);
+        let o = proj(ModuleKind::O, &attn_tokens, d);
         for (hv, ov) in h.iter_mut().zip(&o) {
             *hv += ov;
         }
@@ -412,15 +446,102 @@ impl DecoderModel {
         let mut xn2 = vec![0.0; n * d];
         let mut rstd2 = vec![0.0; n];
         rmsnorm_forward(h, &layer.mlp_norm, c.rms_norm_eps, &mut xn2, &mut rstd2);
-        let gate = proj(ModuleKind::Gate, &xn2, c.intermediate_size, &mut lowrank);
-        let up = proj(ModuleKind::Up, &xn2, c.intermediate_size, &mut lowrank);
+        let gate = proj(ModuleKind::Gate, &xn2, c.intermediate_size);
+        let up = proj(ModuleKind::Up, &xn2, c.intermediate_size);
         let mut act = vec![0.0; gate.len()];
         activations::swiglu_forward(&gate, &up, &mut act);
-        let m = proj(ModuleKind::Down, &act, d, &mut lowrank);
+        let m = proj(ModuleKind::Down, &act, d);
         for (hv, mv) in h.iter_mut().zip(&m) {
             *hv += mv;
         }
-        LayerActs { x_in, rstd1, q, k, v, attn, lse, h2, rstd2, gate, up, lowrank }
+        PassActs { x_in, rstd1, attn, h2, rstd2, gate, up }
+    }
+
+    /// One layer forward over a batch; `h` (`[tokens, hidden]`) is updated in place and what the
+    /// backward pass reads is returned.
+    fn layer_forward(&self, l: usize, h: &mut [f32], ctx: &StepCtx, ad: &dyn LowRankSource, mut rng: Option<&mut Rng>) -> LayerActs {
+        let c = &self.config;
+        let layer = &self.layers[l];
+        let n = ctx.tokens();
+        let mut lowrank: Vec<Option<LowRankActs>> = (0..ModuleKind::ALL.len()).map(|_| None).collect();
+        let mut proj = |k: ModuleKind, x: &[f32], out: usize| {
+            let mut y = vec![0.0; n * out];
+            lowrank[k.index()] = linear_forward(&layer.linear[k.index()], ad.lookup(l, k), x, n, &mut y, rng.as_deref_mut());
+            y
+        };
+        let mut attend = |q_tok: &[f32], k_tok: &[f32], v_tok: &[f32]| {
+            let (ql, kl) = (ctx.layout(c.num_heads), ctx.layout(c.num_kv_heads));
+            let (mut q, mut k, mut v) = (vec![0.0; q_tok.len()], vec![0.0; k_tok.len()], vec![0.0; v_tok.len()]);
+            to_heads(q_tok, &mut q, ql, Some(&ctx.angles));
+            to_heads(k_tok, &mut k, kl, Some(&ctx.angles));
+            to_heads(v_tok, &mut v, kl, None);
+            let mut attn = vec![0.0; q.len()];
+            let mut lse = vec![0.0; n * c.num_heads];
+            attention_forward(&q, &k, &v, ctx.key_mask, ctx.shape, &mut attn, &mut lse);
+            let mut attn_tokens = vec![0.0; q.len()];
+            from_heads(&attn, &mut attn_tokens, ql, None);
+            (attn_tokens, Some(AttnActs { q, k, v, attn, lse }))
+        };
+        let p = self.layer_pass(l, h, n, &mut proj, &mut attend);
+        let AttnActs { q, k, v, attn, lse } = p.attn.expect("batch attention keeps its activations");
+        LayerActs { x_in: p.x_in, rstd1: p.rstd1, q, k, v, attn, lse, h2: p.h2, rstd2: p.rstd2, gate: p.gate, up: p.up, lowrank }
+    }
+
+    /// One layer of an inference step over several sequences: the linear modules run once over
+    /// all rows (each run of rows with its adapter, `segments`), attention per sequence against
+    /// its own cache, which receives the new keys and values.
+    fn layer_step(&self, l: usize, h: &mut [f32], seqs: &mut [SeqRows], segments: &[RowRun]) {
+        let c = &self.config;
+        let layer = &self.layers[l];
+        let n = h.len() / c.hidden_size;
+        let (hd, heads, kv_heads) = (c.head_dim, c.num_heads, c.num_kv_heads);
+        let mut proj = |k: ModuleKind, x: &[f32], out: usize| {
+            let segs: Vec<Segment> = segments
+                .iter()
+                .map(|(rows, ad)| Segment {
+                    rows: rows.clone(),
+                    lowrank: ad.and_then(|(src, scale)| src.lookup(l, k).map(|lr| LowRank { scale: lr.scale * scale, ..lr })),
+                })
+                .collect();
+            let mut y = vec![0.0; n * out];
+            linear_forward_segments(&layer.linear[k.index()], &segs, x, n, &mut y);
+            y
+        };
+        let mut attend = |q_tok: &[f32], k_tok: &[f32], v_tok: &[f32]| {
+            let (qd, kvd) = (heads * hd, kv_heads * hd);
+            let mut out = vec![0.0; q_tok.len()];
+            for s in seqs.iter_mut() {
+                let rows = s.start..s.start + s.new;
+                let (ql, kl) = (
+                    HeadLayout { batch: 1, seq: s.new, heads, head_dim: hd },
+                    HeadLayout { batch: 1, seq: s.new, heads: kv_heads, head_dim: hd },
+                );
+                let (mut q, mut k, mut v) = (vec![0.0; s.new * qd], vec![0.0; s.new * kvd], vec![0.0; s.new * kvd]);
+                to_heads(&q_tok[rows.start * qd..rows.end * qd], &mut q, ql, Some(&s.angles));
+                to_heads(&k_tok[rows.start * kvd..rows.end * kvd], &mut k, kl, Some(&s.angles));
+                to_heads(&v_tok[rows.start * kvd..rows.end * kvd], &mut v, kl, None);
+                s.cache.store(l, &k, &v, kv_heads, hd, s.new);
+                let past = s.cache.len;
+                let shape = AttnShape {
+                    batch: 1,
+                    heads,
+                    kv_heads,
+                    q_len: s.new,
+                    kv_len: past + s.new,
+                    kv_stride: s.cache.capacity,
+                    head_dim: hd,
+                    q_offset: past,
+                    window: c.sliding_window,
+                };
+                let all_keys = vec![true; s.cache.capacity];
+                let mut attn = vec![0.0; q.len()];
+                let mut lse = vec![0.0; s.new * heads];
+                attention_forward(&q, &s.cache.k[l], &s.cache.v[l], &all_keys, shape, &mut attn, &mut lse);
+                from_heads(&attn, &mut out[rows.start * qd..rows.end * qd], ql, None);
+            }
+            (out, None)
+        };
+        self.layer_pass(l, h, n, &mut proj, &mut attend);
     }
 
     /// One layer backward. On entry `dh` is dL/d(layer output); on return dL/d(layer input)
@@ -545,7 +666,7 @@ impl DecoderModel {
         let mut kept = Vec::new();
         for l in 0..self.config.num_layers {
             let input = (l >= keep_from && self.gradient_checkpointing).then(|| Kept::Input(h.clone(), rng.as_deref().map(Rng::state)));
-            let acts = self.layer_forward(l, &mut h, &ctx, ad, rng.as_deref_mut(), None);
+            let acts = self.layer_forward(l, &mut h, &ctx, ad, rng.as_deref_mut());
             if l >= keep_from {
                 kept.push(input.unwrap_or_else(|| Kept::All(Box::new(acts))));
             }
@@ -575,56 +696,87 @@ impl DecoderModel {
         Ok(lm_head_cross_entropy(&xf, head.view(), c.vocab_size, c.hidden_size, targets, 0.0, None))
     }
 
-    /// An empty KV cache for `batch` rows of up to `capacity` positions.
-    /// A KV cache for `batch` rows of up to `capacity` positions; refused when the machine
-    /// cannot hold it.
-    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+    /// Bytes of a KV cache of `capacity` positions.
+    pub fn kv_bytes(&self, capacity: usize) -> u128 {
         let c = &self.config;
-        let size = (batch as u128) * (c.num_kv_heads as u128) * (capacity as u128) * (c.head_dim as u128);
-        crate::limits::ensure_memory(2 * 4 * size * c.num_layers as u128, &format!("a KV cache of {batch} × {capacity} positions"))?;
-        let size = size as usize;
-        Ok(KvCache {
-            k: (0..c.num_layers).map(|_| vec![0.0; size]).collect(),
-            v: (0..c.num_layers).map(|_| vec![0.0; size]).collect(),
-            mask: vec![false; batch * capacity],
+        8 * (c.num_layers as u128) * (c.num_kv_heads as u128) * (capacity as u128) * (c.head_dim as u128)
+    }
+
+    /// An empty KV cache for one sequence of up to `capacity` positions; refused when the
+    /// machine cannot hold it.
+    pub fn new_seq_cache(&self, capacity: usize) -> Result<SeqCache> {
+        let c = &self.config;
+        crate::limits::ensure_memory(self.kv_bytes(capacity), &format!("a KV cache of {capacity} positions"))?;
+        let per_layer = c.num_kv_heads * capacity * c.head_dim;
+        Ok(SeqCache {
+            k: (0..c.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            v: (0..c.num_layers).map(|_| vec![0.0; per_layer]).collect(),
             len: 0,
             capacity,
-            batch,
         })
     }
 
-    /// Runs `new` tokens per row (`tokens` is `[batch, new]`, `mask` marks real tokens, e.g.
-    /// false for left padding) after the cached positions, appends them to the cache and
-    /// returns the logits of each row's last new position, `[batch, vocab]`.
-    pub fn forward_step(&self, tokens: &[u32], mask: &[bool], cache: &mut KvCache, ad: &dyn LowRankSource) -> Result<Vec<f32>> {
-        let b = cache.batch;
-        if tokens.is_empty() || !tokens.len().is_multiple_of(b) || mask.len() != tokens.len() {
-            bail!("forward_step: {} tokens and {} mask entries for a batch of {b}", tokens.len(), mask.len());
+    /// One inference step over several sequences, each at its own position with its own
+    /// adapter: every sequence's new tokens run after its cached positions (a prompt or a chunk
+    /// of one, or one sampled token), all in one pass — the frozen weights are read once for all
+    /// rows, the low-rank products run per run of rows sharing an adapter (rows are ordered by
+    /// adapter for that). The caches take the new keys and values. Returns the logits of each
+    /// sequence's last new token, `[seqs, vocab]`, in the order given.
+    pub fn step(&self, seqs: &mut [SeqStep]) -> Result<Vec<f32>> {
+        let (d, v) = (self.config.hidden_size, self.config.vocab_size);
+        for (i, s) in seqs.iter().enumerate() {
+            if s.tokens.is_empty() {
+                bail!("step: sequence {i} has no new tokens");
+            }
+            if s.cache.len + s.tokens.len() > s.cache.capacity {
+                bail!("KV cache full: {} + {} positions exceed its capacity of {}", s.cache.len, s.tokens.len(), s.cache.capacity);
+            }
+            if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= v) {
+                bail!("token id {t} is outside the vocabulary of {v} tokens");
+            }
         }
-        let new = tokens.len() / b;
-        if cache.len + new > cache.capacity {
-            bail!("KV cache full: {} + {new} positions exceed its capacity of {}", cache.len, cache.capacity);
+        // Rows grouped by adapter (identity and scale), so each adapter's rows form one run.
+        let key = |s: &SeqStep| s.adapter.map(|(a, scale)| (a as *const dyn LowRankSource as *const () as usize, scale.to_bits()));
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| key(&seqs[i]));
+        let mut tokens = Vec::new();
+        let mut segments: Vec<RowRun> = Vec::new();
+        let mut starts = vec![0; seqs.len()];
+        for &i in &order {
+            let s = &seqs[i];
+            starts[i] = tokens.len();
+            let rows = tokens.len()..tokens.len() + s.tokens.len();
+            tokens.extend_from_slice(s.tokens);
+            match segments.last_mut() {
+                Some((r, ad)) if ad.map(|(a, sc)| (a as *const dyn LowRankSource as *const () as usize, sc.to_bits())) == key(s) => {
+                    r.end = rows.end
+                }
+                _ => segments.push((rows, s.adapter)),
+            }
         }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            bail!("token id {t} is outside the vocabulary of {} tokens", self.config.vocab_size);
-        }
-        for row in 0..b {
-            let dst = row * cache.capacity + cache.len;
-            cache.mask[dst..dst + new].copy_from_slice(&mask[row * new..(row + 1) * new]);
-        }
-        let key_mask = cache.mask.clone();
-        let ctx = self.step_ctx(b, new, cache.len, cache.capacity, &key_mask);
-        let mut h = self.embed_tokens(tokens);
+        let mut rows: Vec<SeqRows> = seqs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, s)| {
+                let positions: Vec<u32> = (s.cache.len..s.cache.len + s.tokens.len()).map(|p| p as u32).collect();
+                SeqRows { start: starts[i], new: s.tokens.len(), angles: RopeAngles::new(&self.inv_freq, &positions), cache: &mut *s.cache }
+            })
+            .collect();
+        let mut h = self.embed_tokens(&tokens);
         for l in 0..self.config.num_layers {
-            self.layer_forward(l, &mut h, &ctx, ad, None, Some(cache));
+            self.layer_step(l, &mut h, &mut rows, &segments);
+            for r in rows.iter_mut() {
+                // Every layer stored its keys at the same positions; advance once all have.
+                if l + 1 == self.config.num_layers {
+                    r.cache.len += r.new;
+                }
+            }
         }
-        cache.len += new;
-        let d = self.config.hidden_size;
-        let last: Vec<f32> = (0..b).flat_map(|row| h[((row + 1) * new - 1) * d..(row + 1) * new * d].to_vec()).collect();
+        let last: Vec<f32> = rows.iter().flat_map(|r| h[(r.start + r.new - 1) * d..(r.start + r.new) * d].to_vec()).collect();
+        let b = rows.len();
         let mut xf = vec![0.0; b * d];
         let mut rstd = vec![0.0; b];
         rmsnorm_forward(&last, &self.norm, self.config.rms_norm_eps, &mut xf, &mut rstd);
-        let v = self.config.vocab_size;
         let mut logits = vec![0.0; b * v];
         project(self.head(), &xf, b, &mut logits);
         Ok(logits)
@@ -664,7 +816,7 @@ impl DecoderModel {
                 Kept::Input(mut h, state) => {
                     // Replays the layer exactly, dropout masks included.
                     let mut r = state.map(Rng::from_state);
-                    self.layer_forward(l, &mut h, &ctx, ad, r.as_mut(), None)
+                    self.layer_forward(l, &mut h, &ctx, ad, r.as_mut())
                 }
             };
             self.layer_backward(l, &a, &mut dh, &ctx, ad, grads, l > lowest);
@@ -725,30 +877,149 @@ mod tests {
     /// Incremental decoding with the KV cache gives the full forward pass's logits, also for a
     /// left-padded row (rotary attention depends only on relative positions).
     #[test]
-    fn cached_decoding_matches_full_forward_and_left_padding() {
-        let model = DecoderModel::random(tiny("llama", None), 5);
-        let cfg = LoraConfig { r: 2, ..Default::default() };
-        let mut adapter = LoraAdapter::new(cfg, &model, 1).unwrap();
+    fn cached_decoding_matches_full_forward_at_different_positions() {
+        for (arch, window) in [("llama", None), ("mistral", Some(3))] {
+            let model = DecoderModel::random(tiny(arch, window), 5);
+            let adapter = test_adapter(&model, 1, "q_proj,v_proj");
+            let seq: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8, 9];
+            let v = model.config.vocab_size;
+            let full = model.forward(&Batch::right_padded(std::slice::from_ref(&seq), 0).unwrap(), &adapter).unwrap();
+            let close =
+                |a: &[f32], t: usize| a.iter().zip(&full[t * v..(t + 1) * v]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max) < 1e-4;
+            let ad: Option<(&dyn LowRankSource, f32)> = Some((&adapter, 1.0));
+            // Two sequences in one step at different positions: the first 7 tokens and the first 5
+            // (no padding); then both decode a token per step.
+            let (mut a, mut b) = (model.new_seq_cache(10).unwrap(), model.new_seq_cache(10).unwrap());
+            let logits = model
+                .step(&mut [
+                    SeqStep { cache: &mut a, tokens: &seq[..7], adapter: ad },
+                    SeqStep { cache: &mut b, tokens: &seq[..5], adapter: ad },
+                ])
+                .unwrap();
+            assert!(close(&logits[..v], 6) && close(&logits[v..], 4), "{arch}: prefill");
+            for step in 0..2 {
+                let (ta, tb) = ([seq[7 + step]], [seq[5 + step]]);
+                let logits = model
+                    .step(&mut [SeqStep { cache: &mut a, tokens: &ta, adapter: ad }, SeqStep { cache: &mut b, tokens: &tb, adapter: ad }])
+                    .unwrap();
+                assert!(close(&logits[..v], 7 + step) && close(&logits[v..], 5 + step), "{arch}: decode step {step}");
+            }
+            assert_eq!((a.len(), b.len()), (9, 7));
+            // A prefill in chunks gives what one call gives.
+            let mut c = model.new_seq_cache(9).unwrap();
+            for chunk in seq.chunks(4) {
+                let logits = model.step(&mut [SeqStep { cache: &mut c, tokens: chunk, adapter: ad }]).unwrap();
+                assert!(close(&logits, c.len() - 1), "{arch}: chunk ending at {}", c.len());
+            }
+            assert!(model.step(&mut [SeqStep { cache: &mut c, tokens: &[1], adapter: ad }]).is_err(), "capacity is enforced");
+        }
+    }
+
+    fn test_adapter(model: &DecoderModel, seed: u64, targets: &str) -> LoraAdapter {
+        let cfg = LoraConfig { r: 2, target_modules: TargetModules::parse(targets), ..Default::default() };
+        let mut adapter = LoraAdapter::new(cfg, model, seed).unwrap();
         for (i, p) in adapter.params.iter_mut().enumerate() {
-            *p += 0.01 * (i % 7) as f32;
+            *p += 0.01 * ((i + seed as usize) % 7) as f32;
         }
-        let seq: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8, 9];
+        adapter
+    }
+
+    /// Eight rows over four adapters (at three scales) and the base, in one step, give each row
+    /// the logits it gets alone with its adapter: at prefill and at decode.
+    #[test]
+    fn rows_with_different_adapters_in_one_step_match_each_row_alone() {
+        let model = DecoderModel::random(tiny("qwen2", None), 8);
+        let adapters: Vec<LoraAdapter> = [(1, "q_proj,v_proj"), (2, "all-linear"), (3, "k_proj,o_proj"), (4, "gate_proj,down_proj")]
+            .iter()
+            .map(|&(s, t)| test_adapter(&model, s, t))
+            .collect();
+        let assign: Vec<Option<(&dyn LowRankSource, f32)>> = vec![
+            Some((&adapters[2], 1.0)),
+            None,
+            Some((&adapters[0], 1.0)),
+            Some((&adapters[1], 0.5)),
+            Some((&adapters[0], 1.0)),
+            Some((&adapters[3], 1.0)),
+            None,
+            Some((&adapters[0], 2.0)),
+        ];
+        let prompts: Vec<Vec<u32>> = (0..8).map(|i| (0..3 + i).map(|t| ((t * 7 + i * 3) % 50) as u32).collect()).collect();
         let v = model.config.vocab_size;
-        let full = model.forward(&Batch::right_padded(std::slice::from_ref(&seq), 0).unwrap(), &adapter).unwrap();
-        let close = |a: &[f32], t: usize| a.iter().zip(&full[t * v..(t + 1) * v]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max) < 1e-4;
-        // Row 0: the first 7 tokens; row 1: the first 5, left-padded by 2.
-        let mut cache = model.new_cache(2, 10).unwrap();
-        let prompt: Vec<u32> = seq[..7].iter().copied().chain([0, 0]).chain(seq[..5].iter().copied()).collect();
-        let mask: Vec<bool> = (0..14).map(|i| !(7..9).contains(&i)).collect();
-        let logits = model.forward_step(&prompt, &mask, &mut cache, &adapter).unwrap();
-        assert!(close(&logits[..v], 6));
-        assert!(close(&logits[v..], 4), "left-padded row differs");
-        for step in 0..2 {
-            let logits = model.forward_step(&[seq[7 + step], seq[5 + step]], &[true, true], &mut cache, &adapter).unwrap();
-            assert!(close(&logits[..v], 7 + step), "decode step {step}");
-            assert!(close(&logits[v..], 5 + step), "decode step {step}, padded row");
+        let alone: Vec<(Vec<f32>, Vec<f32>)> = (0..8)
+            .map(|i| {
+                let mut c = model.new_seq_cache(16).unwrap();
+                let pre = model.step(&mut [SeqStep { cache: &mut c, tokens: &prompts[i], adapter: assign[i] }]).unwrap();
+                let dec = model.step(&mut [SeqStep { cache: &mut c, tokens: &[7], adapter: assign[i] }]).unwrap();
+                (pre, dec)
+            })
+            .collect();
+        let mut caches: Vec<SeqCache> = (0..8).map(|_| model.new_seq_cache(16).unwrap()).collect();
+        let mut steps: Vec<SeqStep> =
+            caches.iter_mut().enumerate().map(|(i, c)| SeqStep { cache: c, tokens: &prompts[i], adapter: assign[i] }).collect();
+        let pre = model.step(&mut steps).unwrap();
+        let mut steps: Vec<SeqStep> =
+            caches.iter_mut().enumerate().map(|(i, c)| SeqStep { cache: c, tokens: &[7], adapter: assign[i] }).collect();
+        let dec = model.step(&mut steps).unwrap();
+        let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        for i in 0..8 {
+            assert!(max_diff(&pre[i * v..(i + 1) * v], &alone[i].0) <= 1e-5, "row {i} prefill");
+            assert!(max_diff(&dec[i * v..(i + 1) * v], &alone[i].1) <= 1e-5, "row {i} decode");
         }
-        assert!(model.forward_step(&[1, 1, 1, 1], &[true; 4], &mut cache, &adapter).is_err(), "capacity is enforced");
+        // The adapters do make a difference (the test would pass trivially otherwise).
+        assert!(max_diff(&alone[2].0, &alone[1].0) > 1e-3 || prompts[2] != prompts[1]);
+        let mut c = model.new_seq_cache(16).unwrap();
+        let base = model.step(&mut [SeqStep { cache: &mut c, tokens: &prompts[0], adapter: None }]).unwrap();
+        assert!(max_diff(&base, &alone[0].0) > 1e-3, "adapter 2 changes row 0");
+    }
+
+    /// A sequence that joins a running batch at step k decodes the same greedy tokens as alone,
+    /// and the caches of sequences that leave are freed.
+    #[test]
+    fn a_sequence_joining_a_running_batch_decodes_as_alone() {
+        let model = DecoderModel::random(tiny("llama", None), 9);
+        let adapter = test_adapter(&model, 5, "q_proj,v_proj");
+        let ad: Option<(&dyn LowRankSource, f32)> = Some((&adapter, 1.0));
+        let argmax = |l: &[f32]| l.iter().enumerate().fold((0, f32::MIN), |m, (i, &x)| if x > m.1 { (i, x) } else { m }).0 as u32;
+        let greedy_alone = |prompt: &[u32], n: usize| -> Vec<u32> {
+            let mut c = model.new_seq_cache(prompt.len() + n).unwrap();
+            let mut out = vec![];
+            let mut next = prompt.to_vec();
+            for _ in 0..n {
+                let l = model.step(&mut [SeqStep { cache: &mut c, tokens: &next, adapter: ad }]).unwrap();
+                next = vec![argmax(&l)];
+                out.push(next[0]);
+            }
+            out
+        };
+        let (p1, p2): (Vec<u32>, Vec<u32>) = (vec![4, 8, 15, 16, 23, 42], vec![1, 2, 3]);
+        let want1 = greedy_alone(&p1, 10);
+        let want2 = greedy_alone(&p2, 5);
+        let mut c1 = model.new_seq_cache(16).unwrap();
+        let mut c2 = model.new_seq_cache(8).unwrap();
+        let (mut got1, mut got2) = (vec![], vec![]);
+        let mut n1 = p1.clone();
+        let mut n2 = p2.clone();
+        for step in 0..10 {
+            if (4..9).contains(&step) {
+                // Sequence 2 joins at step 4 with its whole prompt, beside sequence 1's decode token.
+                let l = model
+                    .step(&mut [SeqStep { cache: &mut c1, tokens: &n1, adapter: ad }, SeqStep { cache: &mut c2, tokens: &n2, adapter: ad }])
+                    .unwrap();
+                let v = model.config.vocab_size;
+                n1 = vec![argmax(&l[..v])];
+                n2 = vec![argmax(&l[v..])];
+                got2.push(n2[0]);
+            } else {
+                let l = model.step(&mut [SeqStep { cache: &mut c1, tokens: &n1, adapter: ad }]).unwrap();
+                n1 = vec![argmax(&l)];
+            }
+            got1.push(n1[0]);
+        }
+        assert_eq!(got1, want1);
+        assert_eq!(got2, want2);
+        assert_eq!(c2.bytes(), model.kv_bytes(8) as usize);
+        drop(c2); // leaving frees its cache: what remains is sequence 1's alone
+        assert_eq!(c1.bytes(), model.kv_bytes(16) as usize);
     }
 
     /// With compact weights, decoding (fused-dequant GEMV) and the full forward (GEMM on the
@@ -766,10 +1037,10 @@ mod tests {
             assert!(model.weight_bytes() < f32_model.weight_bytes());
             let full = model.forward(&Batch::right_padded(std::slice::from_ref(&seq), 0).unwrap(), &NoAdapter).unwrap();
             let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-            let mut cache = model.new_cache(1, 8).unwrap();
-            model.forward_step(&seq[..4], &[true; 4], &mut cache, &NoAdapter).unwrap();
+            let mut cache = model.new_seq_cache(8).unwrap();
+            model.step(&mut [SeqStep { cache: &mut cache, tokens: &seq[..4], adapter: None }]).unwrap();
             for t in 4..seq.len() {
-                let logits = model.forward_step(&seq[t..t + 1], &[true], &mut cache, &NoAdapter).unwrap();
+                let logits = model.step(&mut [SeqStep { cache: &mut cache, tokens: &seq[t..t + 1], adapter: None }]).unwrap();
                 let err = max_diff(&logits, &full[t * v..(t + 1) * v]);
                 // bf16 products on AMX round the activations too; the GEMV keeps them in f32.
                 let tolerance = if format == WeightFormat::Bf16 && crate::kernels::amx::available() { 1e-2 } else { 1e-4 };
