@@ -159,10 +159,10 @@ pub fn decode(p: &mut Pretrained, adapter: Option<&LoraAdapter>, new_tokens: usi
         let unmerged = decode_speed(&p.model, a, &prompt, new_tokens)?;
         let pp = decode_speed(&p.model, a, &long, 0)?.1;
         out.push(row("lora_unmerged", unmerged, pp));
-        merge(&mut p.model, a, 1.0);
+        merge(&mut p.model, a, 1.0)?;
         let merged = decode_speed(&p.model, &NoAdapter, &prompt, new_tokens)?;
         let pp = decode_speed(&p.model, &NoAdapter, &long, 0)?.1;
-        unmerge(&mut p.model, a, 1.0);
+        unmerge(&mut p.model, a, 1.0)?;
         out.push(row("lora_merged", merged, pp));
     }
     Ok(out)

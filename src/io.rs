@@ -129,9 +129,8 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
-/// `path` made absolute with `.`/`..` removed and the symbolic links of its existing part
-/// followed, so two spellings of one place compare equal.
-fn resolved(path: &Path) -> Result<PathBuf> {
+/// `path` made absolute with `.` and `..` removed, links not followed.
+fn lexical(path: &Path) -> Result<PathBuf> {
     let abs = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) };
     let mut norm = PathBuf::new();
     for c in abs.components() {
@@ -143,7 +142,13 @@ fn resolved(path: &Path) -> Result<PathBuf> {
             other => norm.push(other),
         }
     }
-    let mut existing = norm;
+    Ok(norm)
+}
+
+/// `path` made absolute with the symbolic links of its existing part followed, so two
+/// spellings of one place compare equal.
+fn resolved(path: &Path) -> Result<PathBuf> {
+    let mut existing = lexical(path)?;
     let mut tail = Vec::new();
     while fs::symlink_metadata(&existing).is_err() {
         let Some(name) = existing.file_name().map(|n| n.to_os_string()) else { break };
@@ -156,19 +161,36 @@ fn resolved(path: &Path) -> Result<PathBuf> {
 }
 
 /// Refuses an output that is one of the inputs, lies inside one, or contains one (writing or
-/// clearing it would then destroy what the command reads).
+/// clearing it would then destroy what the command reads). Paths are compared both as written
+/// and with symbolic links followed: a link to an input inside the output directory counts as
+/// the input (clearing the directory would remove it).
 pub fn check_output_apart(output: &Path, inputs: &[&Path]) -> Result<()> {
-    let out = resolved(output)?;
+    let outs = [lexical(output)?, resolved(output)?];
     for input in inputs {
-        let inp = resolved(input)?;
-        if out == inp {
-            bail!("the output {} is the input {}; choose another output", output.display(), input.display());
+        for inp in [lexical(input)?, resolved(input)?] {
+            for out in &outs {
+                if *out == inp {
+                    bail!("the output {} is the input {}; choose another output", output.display(), input.display());
+                }
+                if out.starts_with(&inp) {
+                    bail!("the output {} lies inside the input {}; choose an output outside it", output.display(), input.display());
+                }
+                if inp.starts_with(out) {
+                    bail!("the output {} contains the input {}; choose an output that does not", output.display(), input.display());
+                }
+            }
         }
-        if out.starts_with(&inp) {
-            bail!("the output {} lies inside the input {}; choose an output outside it", output.display(), input.display());
-        }
-        if inp.starts_with(&out) {
-            bail!("the output {} contains the input {}; choose an output that does not", output.display(), input.display());
+    }
+    Ok(())
+}
+
+/// Refuses an output that is, or lies inside, `input` (an output may contain it).
+pub fn check_output_not_inside(output: &Path, input: &Path) -> Result<()> {
+    for out in [lexical(output)?, resolved(output)?] {
+        for inp in [lexical(input)?, resolved(input)?] {
+            if out.starts_with(&inp) {
+                bail!("the output {} is or lies inside the input {}; choose an output outside it", output.display(), input.display());
+            }
         }
     }
     Ok(())
@@ -312,6 +334,13 @@ mod tests {
         assert!(check_output_apart(&dir, &[&gguf]).unwrap_err().to_string().contains("contains"));
         assert!(check_output_apart(&gguf, &[&gguf]).is_err());
         assert!(check_output_apart(&dir.join("merged"), &[&model, &gguf]).is_ok());
+        // A link inside the output to an input elsewhere is that input (clearing would remove it).
+        let out = dir.join("out");
+        fs::create_dir_all(&out).unwrap();
+        std::os::unix::fs::symlink(&gguf, out.join("m.gguf")).unwrap();
+        assert!(check_output_apart(&out, &[&out.join("m.gguf")]).unwrap_err().to_string().contains("contains"));
+        assert!(check_output_not_inside(&model.join("x"), &model).is_err());
+        assert!(check_output_not_inside(&dir, &model).is_ok());
         fs::remove_dir_all(&dir).unwrap();
     }
 

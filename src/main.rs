@@ -89,6 +89,9 @@ struct InferArgs {
 
 impl InferArgs {
     fn session(&self) -> Result<Session> {
+        if self.merged && self.adapter.is_empty() {
+            bail!("--merged needs an --adapter to merge");
+        }
         let p = Pretrained::load_as(&self.model, self.weights)?;
         let mut set = AdapterSet::default();
         for spec in &self.adapter {
@@ -100,7 +103,7 @@ impl InferArgs {
             let a = lowrank::lora::peft::load(path.as_ref(), &p.model)?;
             set.add(&name, a, scale)?;
         }
-        Ok(Session::new(p, set, self.merged))
+        Session::new(p, set, self.merged)
     }
 
     fn params(&self, p: &Pretrained) -> GenerateParams {
@@ -698,7 +701,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             eprint!("> ");
         }
         let mut line = String::new();
-        if stdin.read_line(&mut line)? == 0 {
+        if stdin.read_line(&mut line).context("reading a chat line from standard input")? == 0 {
             break;
         }
         let line = line.trim_end_matches(['\n', '\r']);
@@ -728,7 +731,15 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         history.push(Message::new("user", line));
         let ids = s.base.tokenizer.encode(&template.render(&history, true)?, false)?;
         let mut stream = stream_to_stdout();
-        let out = generate(s.model(), s.source(), &s.base.tokenizer, &[ids], &a.infer.params(&s.base), Some(&mut stream))?;
+        let out = match generate(s.model(), s.source(), &s.base.tokenizer, &[ids], &a.infer.params(&s.base), Some(&mut stream)) {
+            Ok(out) => out,
+            Err(e) => {
+                // One turn that cannot run (e.g. past the context) ends that turn, not the chat.
+                println!("[{e:#}]");
+                history.pop();
+                continue;
+            }
+        };
         println!();
         history.push(Message::new("assistant", &s.base.tokenizer.decode(&out[0], true)?));
     }
@@ -743,7 +754,7 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
     }
     let mut p = Pretrained::load(&a.model)?;
     let adapter = lowrank::lora::peft::load(&a.adapter, &p.model)?;
-    merge(&mut p.model, &adapter, a.scale);
+    merge(&mut p.model, &adapter, a.scale)?;
     lowrank::io::write_dir_atomically(&a.output, a.overwrite, |dir| {
         lowrank::model::export::save_hf_dir(&p.model, Some(&p.tokenizer), dir)
     })?;

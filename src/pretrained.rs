@@ -37,6 +37,15 @@ impl Pretrained {
             let tokenizer = Tokenizer::from_gguf(&g).with_context(|| format!("loading the tokenizer of {}", path.display()))?;
             (model, tokenizer)
         };
+        let vocab = model.config.vocab_size;
+        let ids = [("BOS token", tokenizer.bos_id), ("EOS token", tokenizer.eos_id), ("BOS token (config)", model.config.bos_token_id)]
+            .into_iter()
+            .chain(model.config.eos_token_ids.iter().map(|&id| ("EOS token (config)", Some(id))));
+        for (what, id) in ids {
+            if let Some(id) = id.filter(|&id| id as usize >= vocab) {
+                bail!("{}: the {what} id {id} is outside the vocabulary of {vocab} tokens", path.display());
+            }
+        }
         if tokenizer.vocab_size() > model.config.vocab_size {
             bail!("the tokenizer has {} tokens but the model only {} embeddings", tokenizer.vocab_size(), model.config.vocab_size);
         }

@@ -229,8 +229,10 @@ impl Tokenizer {
             "decoder": decoder,
             "model": model,
         });
-        let inner: tokenizers::Tokenizer =
-            spec.to_string().parse().map_err(|e| anyhow!("building the tokenizer from GGUF metadata: {e}"))?;
+        let inner: tokenizers::Tokenizer = spec
+            .to_string()
+            .parse()
+            .map_err(|e| anyhow!("building the tokenizer from GGUF metadata ({} tokens in tokenizer.ggml.tokens): {e}", tokens.len()))?;
         Ok(Tokenizer {
             max_token_bytes: longest_token(&inner),
             inner,
@@ -239,7 +241,10 @@ impl Tokenizer {
             bos_token,
             eos_token,
             add_bos,
-            chat_template: g.get_str("tokenizer.chat_template").map(str::to_string),
+            chat_template: match g.get("tokenizer.chat_template") {
+                None => None,
+                Some(v) => Some(v.as_str().context("GGUF metadata tokenizer.chat_template must be a string")?.to_string()),
+            },
         })
     }
 

@@ -37,11 +37,11 @@ fn merged_logits_equal_unmerged_and_unmerge_restores_the_weights() {
     let (mut model, adapter) = llama();
     let before: Vec<Vec<f32>> = model.layers.iter().flat_map(|l| l.linear.iter().map(|x| x.w.to_f32())).collect();
     let unmerged = model.forward(&batch(), &adapter).unwrap();
-    merge(&mut model, &adapter, 1.0);
+    merge(&mut model, &adapter, 1.0).unwrap();
     let merged = model.forward(&batch(), &NoAdapter).unwrap();
     let err = max_abs_diff(&merged, &unmerged);
     assert!(err <= 1e-4, "merged vs unmerged logits: {err}");
-    unmerge(&mut model, &adapter, 1.0);
+    unmerge(&mut model, &adapter, 1.0).unwrap();
     let after: Vec<Vec<f32>> = model.layers.iter().flat_map(|l| l.linear.iter().map(|x| x.w.to_f32())).collect();
     let worst = before.iter().zip(&after).map(|(a, b)| max_abs_diff(a, b)).fold(0.0, f32::max);
     // Bound: a few ulps of weights of magnitude < 0.5.
@@ -79,9 +79,9 @@ fn weighted_combinations_follow_peft() {
     assert_eq!(cat.config.r, 8);
     assert_eq!(cat.config.lora_alpha, 8.0);
     let (mut m1, mut m2) = (llama().0, llama().0);
-    merge(&mut m1, &cat, 1.0);
-    merge(&mut m2, &a, 0.7);
-    merge(&mut m2, &b, -0.4);
+    merge(&mut m1, &cat, 1.0).unwrap();
+    merge(&mut m2, &a, 0.7).unwrap();
+    merge(&mut m2, &b, -0.4).unwrap();
     for (l1, l2) in m1.layers.iter().zip(&m2.layers) {
         for (x, y) in l1.linear.iter().zip(&l2.linear) {
             assert!(max_abs_diff(&x.w.to_f32(), &y.w.to_f32()) < 1e-6);
@@ -149,7 +149,7 @@ fn gguf_adapter_export_has_llama_cpp_names_shapes_alpha_and_the_exact_update() {
 fn merged_hf_export_reloads_to_the_merged_logits() {
     let (mut model, adapter) = llama();
     let want = model.forward(&batch(), &adapter).unwrap();
-    merge(&mut model, &adapter, 1.0);
+    merge(&mut model, &adapter, 1.0).unwrap();
     let dir = tmpdir("export");
     lowrank::model::export::save_hf_dir(&model, None, &dir).unwrap();
     let back = DecoderModel::from_hf_dir(&dir).unwrap();

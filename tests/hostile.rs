@@ -370,7 +370,14 @@ fn numbers_from_the_command_line_are_range_checked() {
     generate(&["--top-p", "2"], &["top-p must be in (0, 1], got 2"]);
     generate(&["--repetition-penalty", "-1"], &["repetition-penalty must be a positive number"]);
     generate(&["--adapter", &format!("a={}@nan", s(&good))], &["the weight must be in [-1000000, 1000000], got NaN"]);
-    refuses(&["generate", "--model", s(&model), "--prompt", "hi", "--max-new-tokens", "100000"], &["exceeds the model's context of 1024"]);
+    refuses(
+        &["generate", "--model", s(&model), "--prompt", "hi", "--max-new-tokens", "100000"],
+        &["max-new-tokens must be in [1, 1024], got 100000"],
+    );
+    generate(&["--stop", ""], &["a stop string must not be empty"]);
+    generate(&["--merged"], &["--merged needs an --adapter"]);
+    generate(&["--adapter", &format!("none={}", s(&good))], &["adapter name \"none\" is not usable"]);
+    generate(&["--adapter", &format!("a b={}", s(&good))], &["adapter name \"a b\" is not usable"]);
     refuses(&["merge", "--model", s(&model), "--adapter", s(&good), "--output", s(&out), "--scale", "nan"], &["--scale must be in"]);
     refuses(&["bench", "train", "--model", s(&model), "--corpus", s(&data), "--seq", "0"], &["--seq must be in [2, 1024], got 0"]);
     refuses(&["bench", "decode", "--model", s(&model), "--prefill", "100000"], &["--prefill must be in [1, 1024]"]);
@@ -498,6 +505,52 @@ fn writes_never_destroy_inputs_or_other_files() {
     let ckpts: Vec<String> =
         std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(ckpts, vec!["step-2".to_string()]);
+    // A link inside the output directory to the model is the model: --overwrite must not clear it.
+    let linked = dir.join("linked");
+    std::fs::create_dir_all(&linked).unwrap();
+    std::os::unix::fs::symlink(&model, linked.join("m.gguf")).unwrap();
+    let m_link = linked.join("m.gguf");
+    refuses(
+        &["train", "--model", s(&m_link), "--data", s(&data), "--output", s(&linked), "--overwrite", "--max-steps", "1"],
+        &["contains the input"],
+    );
+    assert!(std::fs::symlink_metadata(&m_link).is_ok(), "the link to the model was removed");
+    refuses(&["merge", "--model", s(&m_link), "--adapter", s(&good), "--output", s(&linked), "--overwrite"], &["contains the input"]);
+    // An output inside the checkpoint a run resumes from.
+    let ckpt = run.join("checkpoints/step-2");
+    let mut args = train(&["--resume", s(&ckpt)]);
+    let i = args.iter().position(|a| a == s(&run)).unwrap();
+    args[i] = s(&ckpt.join("sub")).to_string();
+    refuses(&args.iter().map(String::as_str).collect::<Vec<_>>(), &["lies inside the input"]);
+    // A damaged optimizer state (NaN first moments) is refused on resume, naming the tensor.
+    let broken = dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in std::fs::read_dir(&ckpt).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, broken.join(f.file_name().unwrap())).unwrap();
+    }
+    let opt = lowrank::model::TensorStore::open_files(&[broken.join("optimizer.safetensors")]).unwrap();
+    let (m, shape) = opt.f32_any("exp_avg").unwrap();
+    let (v, _) = opt.f32_any("exp_avg_sq").unwrap();
+    let mut t = std::collections::BTreeMap::new();
+    t.insert("exp_avg".to_string(), (shape.clone(), vec![f32::NAN; m.len()]));
+    t.insert("exp_avg_sq".to_string(), (shape, v));
+    let meta = [("step", "2"), ("beta1", "0.9"), ("beta2", "0.999"), ("eps", "0.00000001"), ("weight_decay", "0")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    std::fs::write(broken.join("optimizer.safetensors"), lowrank::model::weights::serialize_f32(&t, Some(meta)).unwrap()).unwrap();
+    let args = train(&["--resume", s(&broken)]);
+    refuses(&args.iter().map(String::as_str).collect::<Vec<_>>(), &["exp_avg[0] is NaN"]);
+    // An adapter whose update overflows f32 is refused by merge, naming the module.
+    let p = Pretrained::load(&model).unwrap();
+    let mut big = LoraAdapter::new(LoraConfig { r: 4, lora_alpha: 8.0, ..Default::default() }, &p.model, 1).unwrap();
+    big.params.iter_mut().for_each(|x| *x = 1e38);
+    lowrank::lora::peft::save(&big, &dir.join("big")).unwrap();
+    refuses(
+        &["merge", "--model", s(&model), "--adapter", s(&dir.join("big")), "--output", s(&dir.join("big-merged"))],
+        &["model.layers.0.self_attn.q_proj gives a non-finite weight"],
+    );
     // Resuming with another setting names it.
     let mut args = train(&["--resume", s(&run.join("checkpoints/step-2")), "--lr", "0.5"]);
     let i = args.iter().position(|a| a == "2").unwrap();

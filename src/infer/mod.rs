@@ -117,6 +117,10 @@ pub fn generate(
     let b = prompts.len();
     let plen = prompts.iter().map(Vec::len).max().unwrap();
     params.sampling.validate()?;
+    crate::limits::check_count("max-new-tokens", params.max_new_tokens, 1, model.config.max_position_embeddings)?;
+    if params.stop_strings.iter().any(String::is_empty) {
+        bail!("a stop string must not be empty (it would stop generation at once)");
+    }
     let capacity = plen.saturating_add(params.max_new_tokens);
     if capacity > model.config.max_position_embeddings {
         bail!(

@@ -16,31 +16,31 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(base: Pretrained, adapters: AdapterSet, merged_mode: bool) -> Self {
+    pub fn new(base: Pretrained, adapters: AdapterSet, merged_mode: bool) -> Result<Self> {
         let mut s = Session { base, adapters, merged_mode, merged: None };
-        s.sync_merge();
-        s
+        s.sync_merge()?;
+        Ok(s)
     }
 
-    fn sync_merge(&mut self) {
+    fn sync_merge(&mut self) -> Result<()> {
         if let Some(i) = self.merged.take() {
             let (_, a, scale) = &self.adapters.entries[i];
-            unmerge(&mut self.base.model, a, *scale);
+            unmerge(&mut self.base.model, a, *scale)?;
         }
         if self.merged_mode {
             if let Some(i) = self.adapters.active {
                 let (_, a, scale) = &self.adapters.entries[i];
-                merge(&mut self.base.model, a, *scale);
+                merge(&mut self.base.model, a, *scale)?;
                 self.merged = Some(i);
             }
         }
+        Ok(())
     }
 
     /// Activates adapter `name`, or none.
     pub fn switch(&mut self, name: Option<&str>) -> Result<()> {
         self.adapters.activate(name)?;
-        self.sync_merge();
-        Ok(())
+        self.sync_merge()
     }
 
     pub fn model(&self) -> &DecoderModel {

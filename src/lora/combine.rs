@@ -20,6 +20,11 @@ pub struct AdapterSet {
 
 impl AdapterSet {
     pub fn add(&mut self, name: &str, adapter: LoraAdapter, scale: f32) -> Result<()> {
+        let valid = !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !valid || name == "none" {
+            bail!("adapter name {name:?} is not usable: 1 to 64 of A-Z a-z 0-9 _ . -, and not \"none\" (which means no adapter)");
+        }
+        crate::limits::check(&format!("the scale of adapter {name}"), scale as f64, crate::limits::Allowed::Closed(-1e6, 1e6))?;
         if self.entries.iter().any(|e| e.0 == name) {
             bail!("an adapter named \"{name}\" is already loaded");
         }
@@ -59,24 +64,33 @@ impl LowRankSource for AdapterSet {
 }
 
 /// W += weight · scale · B·A for every module of the adapter (`weight` = −1 undoes it). A module
-/// stored compact (bf16, Q8_0, Q4_1) is expanded to f32 first and stays f32.
-fn add_delta(model: &mut DecoderModel, adapter: &LoraAdapter, weight: f32) {
+/// stored compact (bf16, Q8_0, Q4_1) is expanded to f32 first and stays f32. Each module's new
+/// weights are computed aside and checked finite before they replace the old ones, so an
+/// adapter with huge weights is an error naming the module, never an infinite weight.
+fn add_delta(model: &mut DecoderModel, adapter: &LoraAdapter, weight: f32) -> Result<()> {
     for m in &adapter.modules {
         let lin = &mut model.layers[m.layer].linear[m.kind.index()];
-        matmul(lin.w.f32_mut(), adapter.b(m), false, adapter.a(m), false, m.out_features, m.in_features, m.r, weight * m.scale, true);
+        let mut w = lin.w.to_f32();
+        matmul(&mut w, adapter.b(m), false, adapter.a(m), false, m.out_features, m.in_features, m.r, weight * m.scale, true);
+        if let Some(x) = w.iter().find(|x| !x.is_finite()) {
+            bail!("merging the adapter into {} gives a non-finite weight ({x}); the adapter's weights are too large", m.name);
+        }
+        lin.w.f32_mut().copy_from_slice(&w);
     }
+    Ok(())
 }
 
 /// Folds the adapter into the base weights: afterwards the model alone computes what model +
 /// adapter computed (zero inference overhead).
-pub fn merge(model: &mut DecoderModel, adapter: &LoraAdapter, weight: f32) {
-    add_delta(model, adapter, weight);
+pub fn merge(model: &mut DecoderModel, adapter: &LoraAdapter, weight: f32) -> Result<()> {
+    crate::limits::check("the merge weight", weight as f64, crate::limits::Allowed::Closed(-1e6, 1e6))?;
+    add_delta(model, adapter, weight)
 }
 
 /// Undoes `merge` by subtracting the same product. Float rounding leaves each weight within a
 /// few ulps of its original value (the tests bound it).
-pub fn unmerge(model: &mut DecoderModel, adapter: &LoraAdapter, weight: f32) {
-    add_delta(model, adapter, -weight);
+pub fn unmerge(model: &mut DecoderModel, adapter: &LoraAdapter, weight: f32) -> Result<()> {
+    add_delta(model, adapter, -weight)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -203,7 +203,7 @@ impl LoraConfig {
             out.push(Selected { name: name.clone(), r, alpha, scale: self.scale_for(r, alpha) });
         }
         if out.is_empty() {
-            bail!("target_modules {:?} selects no module of this model (its modules: {})", self.target_modules.to_json(), short_names());
+            bail!("target_modules {} selects no module of this model (its modules: {})", self.target_modules.to_json(), short_names());
         }
         Ok(out)
     }

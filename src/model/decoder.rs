@@ -228,6 +228,16 @@ impl DecoderModel {
     /// Reads every tensor from `st`, one at a time, storing each frozen matrix in `format` right
     /// away (so loading never holds the whole model in f32).
     pub fn from_weights(config: DecoderConfig, st: &dyn WeightSource, format: WeightFormat) -> Result<Self> {
+        // Every tensor is checked finite as it loads: a NaN or infinity in a model file would
+        // silently poison every output.
+        let load = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let v = st.f32(name, shape)?;
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                bail!("tensor {name} holds a non-finite value ({}) at element {i}", v[i]);
+            }
+            Ok(v)
+        };
+        let st = &load;
         let c = &config;
         c.validate()?;
         crate::limits::ensure_memory(Self::weight_bytes_for(c, format), &format!("the model's weights in {}", format.name()))?;
@@ -240,23 +250,22 @@ impl DecoderModel {
                 let (inf, outf) = Self::module_shape(c, kind);
                 let has_bias = Self::module_has_bias(c, kind);
                 let name = format!("{p}.{}", kind.path());
-                let bias = if has_bias { Some(st.f32(&format!("{name}.bias"), &[outf])?) } else { None };
-                let w = FrozenMatrix::new(outf, inf, st.f32(&format!("{name}.weight"), &[outf, inf])?, format);
+                let bias = if has_bias { Some(st(&format!("{name}.bias"), &[outf])?) } else { None };
+                let w = FrozenMatrix::new(outf, inf, st(&format!("{name}.weight"), &[outf, inf])?, format);
                 linear.push(Linear { w, bias, in_features: inf, out_features: outf });
             }
             layers.push(Layer {
-                attn_norm: st.f32(&format!("{p}.input_layernorm.weight"), &[d])?,
-                mlp_norm: st.f32(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                attn_norm: st(&format!("{p}.input_layernorm.weight"), &[d])?,
+                mlp_norm: st(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
                 linear,
             });
         }
-        let matrix =
-            |name: &str| -> Result<FrozenMatrix> { Ok(FrozenMatrix::new(c.vocab_size, d, st.f32(name, &[c.vocab_size, d])?, format)) };
+        let matrix = |name: &str| -> Result<FrozenMatrix> { Ok(FrozenMatrix::new(c.vocab_size, d, st(name, &[c.vocab_size, d])?, format)) };
         let lm_head = if c.tie_word_embeddings { None } else { Some(matrix("lm_head.weight")?) };
         let inv_freq = inverse_frequencies(hd, c.rope_theta, &c.rope_scaling);
         Ok(DecoderModel {
             embed: matrix("model.embed_tokens.weight")?,
-            norm: st.f32("model.norm.weight", &[d])?,
+            norm: st("model.norm.weight", &[d])?,
             layers,
             lm_head,
             inv_freq,

@@ -30,6 +30,30 @@ pub struct TrainerState {
     pub fingerprint: String,
 }
 
+impl TrainerState {
+    /// The state fits the run that resumes it: its step within the run's steps, its data cursor
+    /// within the data, a usable random generator state.
+    pub fn check_against(&self, total_steps: usize, sequences: usize, cfg: &super::trainer::TrainConfig) -> Result<()> {
+        if self.total_steps != total_steps {
+            bail!("trainer_state.json: total_steps {} but this run has {total_steps}", self.total_steps);
+        }
+        if self.step > total_steps {
+            bail!("trainer_state.json: step {} is past the run's {total_steps} steps", self.step);
+        }
+        if self.cursor.index > sequences {
+            bail!("trainer_state.json: cursor.index {} is past the {sequences} training sequences", self.cursor.index);
+        }
+        let epochs = if cfg.max_steps.is_some() { u64::MAX } else { cfg.epochs.ceil() as u64 + 1 };
+        if self.cursor.epoch > epochs.min(total_steps as u64 * cfg.grad_accum as u64) {
+            bail!("trainer_state.json: cursor.epoch {} is out of range for this run", self.cursor.epoch);
+        }
+        if self.rng == [0; 4] {
+            bail!("trainer_state.json: rng is all zero, which no generator state can be");
+        }
+        Ok(())
+    }
+}
+
 pub struct Checkpoint {
     pub adapter: LoraAdapter,
     pub optimizer: AdamW,
@@ -81,6 +105,12 @@ pub fn load(dir: &Path, model: &DecoderModel) -> Result<Checkpoint> {
     let n = adapter.num_params();
     let m = store.f32("exp_avg", &[n])?;
     let v = store.f32("exp_avg_sq", &[n])?;
+    if let Some(i) = m.iter().position(|x| !x.is_finite()) {
+        bail!("{}: exp_avg[{i}] is {}, not a finite number", opt_path.display(), m[i]);
+    }
+    if let Some(i) = v.iter().position(|x| !(x.is_finite() && *x >= 0.0)) {
+        bail!("{}: exp_avg_sq[{i}] is {}; second moments are finite and >= 0", opt_path.display(), v[i]);
+    }
     let meta = |k: &str| -> Result<String> {
         let bytes = crate::io::read_input(&opt_path, "optimizer state")?;
         let (_, md) = safetensors::SafeTensors::read_metadata(&bytes)?;

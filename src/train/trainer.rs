@@ -302,10 +302,12 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
         // leaves the directory as it was.
         crate::io::prepare_output_dir(&cfg.output, false).or_else(|e| if cfg.overwrite { Ok(()) } else { Err(e) })?;
     }
-    if cfg.resume.is_none() {
-        let inputs: Vec<&Path> =
-            [Some(cfg.model.as_path()), Some(cfg.data.as_path()), cfg.eval_data.as_deref()].into_iter().flatten().collect();
-        crate::io::check_output_apart(&cfg.output, &inputs)?;
+    let inputs: Vec<&Path> =
+        [Some(cfg.model.as_path()), Some(cfg.data.as_path()), cfg.eval_data.as_deref()].into_iter().flatten().collect();
+    match &cfg.resume {
+        None => crate::io::check_output_apart(&cfg.output, &inputs)?,
+        // A resumed run writes into the directory it continues, which holds the checkpoint.
+        Some(ckpt) => crate::io::check_output_not_inside(&cfg.output, ckpt)?,
     }
     let started = Instant::now();
     let mut p = Pretrained::load_as(&cfg.model, WeightFormat::parse(&cfg.weights)?)?;
@@ -343,6 +345,15 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
                     "{} was written by a run with different settings; resume needs the same ones ({})",
                     dir.display(),
                     TrainConfig::fingerprint_diff(&c.state.fingerprint, &cfg.fingerprint())
+                );
+            }
+            c.state.check_against(total_steps, loader.len(), cfg).with_context(|| format!("resuming from {}", dir.display()))?;
+            if c.optimizer.weight_decay != cfg.weight_decay {
+                bail!(
+                    "{}: the optimizer state has weight_decay {}, this run {}",
+                    dir.display(),
+                    c.optimizer.weight_decay,
+                    cfg.weight_decay
                 );
             }
             progress.message(&format!("resuming from {} at step {}", dir.display(), c.state.step));
