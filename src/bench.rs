@@ -7,7 +7,7 @@ use crate::kernels::matmul;
 use crate::lora::combine::{merge, unmerge};
 use crate::lora::{LoraAdapter, LoraConfig, TargetModules};
 use crate::model::adapt::{LowRankSource, NoAdapter};
-use crate::model::decoder::SeqStep;
+use crate::model::decoder::{SeqCache, SeqStep};
 use crate::model::DecoderModel;
 use crate::pretrained::Pretrained;
 use crate::rng::Rng;
@@ -166,6 +166,52 @@ pub fn decode(p: &mut Pretrained, adapter: Option<&LoraAdapter>, new_tokens: usi
         out.push(row("lora_merged", merged, pp));
     }
     Ok(out)
+}
+
+/// Batched inference with one adapter per row: `rows` sequences prefill `prefill` tokens each in
+/// one step, then decode `steps` tokens each, all rows sharing one adapter vs every row on its
+/// own adapter (LoRA q,v rank `r`). Returns both timings and their ratio.
+pub fn multi_adapter(p: &Pretrained, rows: usize, r: usize, prefill: usize, steps: usize) -> Result<Value> {
+    use crate::limits::check_count;
+    let context = p.model.config.max_position_embeddings;
+    check_count("--rows", rows, 1, 256)?;
+    check_count("--prefill", prefill, 1, context / 2)?;
+    check_count("--steps", steps, 1, context / 2)?;
+    let cfg = LoraConfig { r, lora_alpha: 2.0 * r as f32, ..Default::default() };
+    let adapters: Vec<LoraAdapter> = (0..rows)
+        .map(|i| {
+            let mut a = LoraAdapter::new(cfg.clone(), &p.model, i as u64)?;
+            let mut rng = Rng::new(100 + i as u64);
+            a.params.iter_mut().for_each(|x| *x += 0.01 * rng.normal());
+            Ok(a)
+        })
+        .collect::<Result<_>>()?;
+    let prompts: Vec<Vec<u32>> = (0..rows).map(|i| (0..prefill).map(|t| ((t * 31 + i * 7) % 1000 + 100) as u32).collect()).collect();
+    let run = |distinct: bool| -> Result<(f64, f64)> {
+        let mut caches: Vec<SeqCache> = (0..rows).map(|_| p.model.new_seq_cache(prefill + steps + 1)).collect::<Result<_>>()?;
+        let pick = |i: usize| -> Option<(&dyn LowRankSource, f32)> { Some((&adapters[if distinct { i } else { 0 }], 1.0)) };
+        let t = Instant::now();
+        let mut steps_in: Vec<SeqStep> = caches.iter_mut().enumerate().map(|(i, c)| SeqStep { cache: c, tokens: &prompts[i], adapter: pick(i) }).collect();
+        p.model.step(&mut steps_in)?;
+        drop(steps_in);
+        let prefill_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for k in 0..steps {
+            let tokens: Vec<[u32; 1]> = (0..rows).map(|i| [((k * 13 + i) % 1000 + 100) as u32]).collect();
+            let mut s: Vec<SeqStep> = caches.iter_mut().enumerate().map(|(i, c)| SeqStep { cache: c, tokens: &tokens[i], adapter: pick(i) }).collect();
+            p.model.step(&mut s)?;
+        }
+        Ok((prefill_s, t.elapsed().as_secs_f64() / steps as f64))
+    };
+    run(true)?; // warm-up
+    let (one_pre, one_step) = run(false)?;
+    let (many_pre, many_step) = run(true)?;
+    let weights = p.model.layers[0].linear[0].w.format().name();
+    Ok(json!({"bench": "multi_adapter", "impl": "lowrank", "weights": weights, "rows": rows, "r": r, "prefill_tokens": prefill,
+              "threads": rayon::current_num_threads(),
+              "one_adapter_prefill_tok_per_s": (rows * prefill) as f64 / one_pre, "distinct_prefill_tok_per_s": (rows * prefill) as f64 / many_pre,
+              "one_adapter_decode_tok_per_s": rows as f64 / one_step, "distinct_decode_tok_per_s": rows as f64 / many_step,
+              "prefill_time_ratio": many_pre / one_pre, "decode_step_time_ratio": many_step / one_step}))
 }
 
 /// f32 GEMM GFLOP/s: square n×n, and the 512×576×1536 shape of a LoRA training step; where the

@@ -228,6 +228,24 @@ enum BenchCommand {
         #[arg(long, default_value = "f32", value_parser = WeightFormat::parse)]
         weights: WeightFormat,
     },
+    /// Batched inference with a different adapter per row vs one adapter for all rows.
+    Adapters {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        rows: usize,
+        #[arg(long, default_value_t = 8)]
+        r: usize,
+        #[arg(long, default_value_t = 128)]
+        prefill: usize,
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Base weights as f32, bf16, q8_0 or q4_1.
+        #[arg(long, default_value = "f32", value_parser = WeightFormat::parse)]
+        weights: WeightFormat,
+    },
     /// f32 GEMM GFLOP/s.
     Gemm {
         #[arg(long, allow_negative_numbers = true, default_value_t = 2048)]
@@ -826,6 +844,11 @@ fn cmd_bench(c: BenchCommand) -> Result<()> {
             let mut p = Pretrained::load_as(&model, weights)?;
             let a = load_adapter(&p, &adapter)?;
             lowrank::bench::decode(&mut p, a.as_ref(), new_tokens, prefill)?
+        }
+        BenchCommand::Adapters { model, rows, r, prefill, steps, threads, weights } => {
+            set_threads(threads)?;
+            let p = Pretrained::load_as(&model, weights)?;
+            vec![lowrank::bench::multi_adapter(&p, rows, r, prefill, steps)?]
         }
         BenchCommand::Gemm { n, repeats, threads } => {
             set_threads(threads)?;
