@@ -191,14 +191,16 @@ pub fn multi_adapter(p: &Pretrained, rows: usize, r: usize, prefill: usize, step
         let mut caches: Vec<SeqCache> = (0..rows).map(|_| p.model.new_seq_cache(prefill + steps + 1)).collect::<Result<_>>()?;
         let pick = |i: usize| -> Option<(&dyn LowRankSource, f32)> { Some((&adapters[if distinct { i } else { 0 }], 1.0)) };
         let t = Instant::now();
-        let mut steps_in: Vec<SeqStep> = caches.iter_mut().enumerate().map(|(i, c)| SeqStep { cache: c, tokens: &prompts[i], adapter: pick(i) }).collect();
+        let mut steps_in: Vec<SeqStep> =
+            caches.iter_mut().enumerate().map(|(i, c)| SeqStep { cache: c, tokens: &prompts[i], adapter: pick(i) }).collect();
         p.model.step(&mut steps_in)?;
         drop(steps_in);
         let prefill_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
         for k in 0..steps {
             let tokens: Vec<[u32; 1]> = (0..rows).map(|i| [((k * 13 + i) % 1000 + 100) as u32]).collect();
-            let mut s: Vec<SeqStep> = caches.iter_mut().enumerate().map(|(i, c)| SeqStep { cache: c, tokens: &tokens[i], adapter: pick(i) }).collect();
+            let mut s: Vec<SeqStep> =
+                caches.iter_mut().enumerate().map(|(i, c)| SeqStep { cache: c, tokens: &tokens[i], adapter: pick(i) }).collect();
             p.model.step(&mut s)?;
         }
         Ok((prefill_s, t.elapsed().as_secs_f64() / steps as f64))

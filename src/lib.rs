@@ -13,7 +13,6 @@ pub mod kernels;
 pub mod limits;
 pub mod lora;
 pub mod model;
-pub mod plot;
 pub mod pretrained;
 pub mod rng;
 pub mod train;

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use lowrank::data::{make_sequences, read_jsonl, ChatTemplate, Encoder, Format, Message};
+use lowrank::data::{read_jsonl, ChatTemplate, Encoder, Format, Message};
 use lowrank::infer::session::Session;
 use lowrank::infer::{exact_match, generate, GenerateParams, SamplingParams};
 use lowrank::lora::adapter::thousands;
@@ -550,12 +550,14 @@ fn split_weight<'a>(spec: &'a str, flag: &str) -> Result<(&'a str, f32)> {
     }
 }
 
-fn set_threads(n: usize) -> Result<()> {
+/// Runs `f` on a thread pool of `n` workers (0: rayon's default, one per core). The binary owns
+/// the pool; the library never configures a global one, so a host program decides its threads.
+fn in_pool<T: Send>(n: usize, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     lowrank::limits::check_count("threads (0 = all cores)", n, 0, lowrank::limits::MAX_THREADS)?;
-    if n > 0 {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    if n == 0 {
+        return f();
     }
-    Ok(())
+    rayon::ThreadPoolBuilder::new().num_threads(n).build().context("starting the worker threads")?.install(f)
 }
 
 fn load_adapter(p: &Pretrained, path: &Option<PathBuf>) -> Result<Option<LoraAdapter>> {
@@ -565,7 +567,6 @@ fn load_adapter(p: &Pretrained, path: &Option<PathBuf>) -> Result<Option<LoraAda
 fn cmd_train(args: TrainArgs) -> Result<()> {
     let cfg = args.resolve()?;
     cfg.validate()?;
-    set_threads(cfg.threads)?;
     ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
             eprintln!("\nsecond interrupt: exiting without a checkpoint");
@@ -575,7 +576,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let mut bar = Bar { bar: None, total: 0 };
-    let s = trainer::train(&cfg, &mut bar, &STOP)?;
+    let s = in_pool(cfg.threads, || trainer::train(&cfg, &mut bar, &STOP))?;
     println!(
         "{} {} steps in {:.1} s, {:.0} tokens/s; final loss {}{}",
         if s.interrupted { "stopped after" } else { "trained" },
@@ -606,19 +607,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         Some(x) => x,
         None => &NoAdapter,
     };
-    let format = a.format.as_deref().map(Format::parse).transpose()?;
-    let (records, _) = read_jsonl(&a.data, format, false)?;
-    let t = &p.tokenizer;
-    let template = p.chat_template()?;
-    lowrank::limits::check_count("--seq-len", a.seq_len, 2, p.model.config.max_position_embeddings)?;
     lowrank::limits::check_count("--batch-size", a.batch_size, 1, 1 << 16)?;
-    let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: a.train_on_inputs, max_tokens: a.seq_len };
-    let examples: Vec<_> = records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| enc.encode(r).with_context(|| format!("{}: example {}", a.data.display(), i + 1)))
-        .collect::<Result<_>>()?;
-    let (seqs, _) = make_sequences(&examples, a.seq_len, false)?;
+    let (records, seqs) = trainer::eval_data(&p, &a.data, a.format.as_deref(), a.train_on_inputs, a.seq_len)?;
+    let t = &p.tokenizer;
     let loss = trainer::evaluate(&p.model, ad, &seqs, a.batch_size, t.eos_id.unwrap_or(0))?;
     let em = if a.exact_match { Some(exact_match::exact_match(&p, ad, &records, a.batch_size, a.max_new_tokens)?) } else { None };
     if a.json {
@@ -773,9 +764,7 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
     let mut p = Pretrained::load(&a.model)?;
     let adapter = lowrank::lora::peft::load(&a.adapter, &p.model)?;
     merge(&mut p.model, &adapter, a.scale)?;
-    lowrank::io::write_dir_atomically(&a.output, a.overwrite, |dir| {
-        lowrank::model::export::save_hf_dir(&p.model, Some(&p.tokenizer), dir)
-    })?;
+    lowrank::io::write_dir_atomically(&a.output, a.overwrite, |dir| p.save_hf_dir(dir))?;
     println!("merged {} into {} → {}", a.adapter.display(), a.model.display(), a.output.display());
     Ok(())
 }
@@ -830,30 +819,22 @@ fn cmd_bench(c: BenchCommand) -> Result<()> {
             threads,
             gradient_checkpointing,
             weights,
-        } => {
-            set_threads(threads)?;
+        } => in_pool(threads, || {
             let mut p = Pretrained::load_as(&model, weights)?;
             p.model.gradient_checkpointing = gradient_checkpointing;
-            vec![lowrank::bench::train(
-                &p,
-                &lowrank::bench::TrainBench { corpus: &corpus, targets, r, alpha, dropout, batch, seq, warmup, steps },
-            )?]
-        }
-        BenchCommand::Decode { model, adapter, new_tokens, prefill, threads, weights } => {
-            set_threads(threads)?;
+            let b = lowrank::bench::TrainBench { corpus: &corpus, targets, r, alpha, dropout, batch, seq, warmup, steps };
+            Ok(vec![lowrank::bench::train(&p, &b)?])
+        })?,
+        BenchCommand::Decode { model, adapter, new_tokens, prefill, threads, weights } => in_pool(threads, || {
             let mut p = Pretrained::load_as(&model, weights)?;
             let a = load_adapter(&p, &adapter)?;
-            lowrank::bench::decode(&mut p, a.as_ref(), new_tokens, prefill)?
-        }
-        BenchCommand::Adapters { model, rows, r, prefill, steps, threads, weights } => {
-            set_threads(threads)?;
+            lowrank::bench::decode(&mut p, a.as_ref(), new_tokens, prefill)
+        })?,
+        BenchCommand::Adapters { model, rows, r, prefill, steps, threads, weights } => in_pool(threads, || {
             let p = Pretrained::load_as(&model, weights)?;
-            vec![lowrank::bench::multi_adapter(&p, rows, r, prefill, steps)?]
-        }
-        BenchCommand::Gemm { n, repeats, threads } => {
-            set_threads(threads)?;
-            vec![lowrank::bench::gemm(n, repeats)?]
-        }
+            Ok(vec![lowrank::bench::multi_adapter(&p, rows, r, prefill, steps)?])
+        })?,
+        BenchCommand::Gemm { n, repeats, threads } => in_pool(threads, || Ok(vec![lowrank::bench::gemm(n, repeats)?]))?,
     };
     for r in results {
         println!("RESULT {r}");

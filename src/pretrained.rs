@@ -52,6 +52,12 @@ impl Pretrained {
         Ok(Pretrained { model, tokenizer, path: path.to_path_buf() })
     }
 
+    /// Writes model and tokenizer as a Hugging Face directory that transformers loads.
+    pub fn save_hf_dir(&self, dir: &Path) -> Result<()> {
+        crate::model::export::save_model_files(&self.model, dir)?;
+        self.tokenizer.save_hf_files(dir, self.model.config.max_position_embeddings)
+    }
+
     /// What adapters record as `base_model_name_or_path`.
     pub fn name(&self) -> String {
         self.path.to_string_lossy().into_owned()

@@ -281,6 +281,25 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Writes the tokenizer's files of a Hugging Face directory (tokenizer.json,
+    /// tokenizer_config.json and, when there is one, chat_template.jinja), each atomically.
+    pub fn save_hf_files(&self, dir: &Path, model_max_length: usize) -> Result<()> {
+        use crate::io::atomic_write;
+        atomic_write(&dir.join("tokenizer.json"), self.to_json()?.as_bytes())?;
+        let mut cfg = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "add_bos_token": self.add_bos,
+            "model_max_length": model_max_length,
+        });
+        if let Some(ct) = &self.chat_template {
+            cfg["chat_template"] = json!(ct);
+            atomic_write(&dir.join("chat_template.jinja"), ct.as_bytes())?;
+        }
+        atomic_write(&dir.join("tokenizer_config.json"), (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())
+    }
+
     /// The tokenizer as tokenizer.json text (to write next to an exported model).
     pub fn to_json(&self) -> Result<String> {
         self.inner.to_string(true).map_err(|e| anyhow!("serializing the tokenizer: {e}"))

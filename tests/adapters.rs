@@ -151,7 +151,7 @@ fn merged_hf_export_reloads_to_the_merged_logits() {
     let want = model.forward(&batch(), &adapter).unwrap();
     merge(&mut model, &adapter, 1.0).unwrap();
     let dir = tmpdir("export");
-    lowrank::model::export::save_hf_dir(&model, None, &dir).unwrap();
+    lowrank::model::export::save_model_files(&model, &dir).unwrap();
     let back = DecoderModel::from_hf_dir(&dir).unwrap();
     assert!(max_abs_diff(&back.forward(&batch(), &NoAdapter).unwrap(), &want) <= 1e-4);
     assert!(dir.join("model.safetensors").metadata().unwrap().len() > 0);

@@ -78,6 +78,12 @@ impl Encoder<'_> {
         Ok(Example { ids, train, clipped })
     }
 
+    /// Every record of the file `path`; an error names the file and the example's number.
+    pub fn encode_all(&self, records: &[Record], path: &std::path::Path) -> Result<Vec<Example>> {
+        use anyhow::Context;
+        records.iter().enumerate().map(|(i, r)| self.encode(r).with_context(|| format!("{}: example {}", path.display(), i + 1))).collect()
+    }
+
     pub fn encode(&self, record: &Record) -> Result<Example> {
         match record {
             Record::Text(t) => self.prompt_then_completion(t, 0),

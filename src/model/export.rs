@@ -1,13 +1,11 @@
 //! Writing a decoder back out as a Hugging Face directory (config.json, model.safetensors and,
-//! when given, the tokenizer files) that transformers loads.
+//! model files; the tokenizer writes its own) that transformers loads.
 
 use super::adapt::ModuleKind;
 use super::decoder::DecoderModel;
 use super::weights::serialize_f32;
 use crate::io::atomic_write;
-use crate::tokenizer::Tokenizer;
 use anyhow::Result;
-use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -37,25 +35,11 @@ pub fn hf_tensors(model: &DecoderModel) -> BTreeMap<String, (Vec<usize>, Vec<f32
     t
 }
 
-/// Writes `dir` as a Hugging Face model directory; each file atomically.
-pub fn save_hf_dir(model: &DecoderModel, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<()> {
+/// Writes the model's files of a Hugging Face directory (config.json, model.safetensors) into
+/// `dir`, each atomically. The tokenizer's files are the tokenizer's to write
+/// (`Pretrained::save_hf_dir` writes both).
+pub fn save_model_files(model: &DecoderModel, dir: &Path) -> Result<()> {
     let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
     atomic_write(&dir.join("model.safetensors"), &serialize_f32(&hf_tensors(model), Some(meta))?)?;
-    atomic_write(&dir.join("config.json"), (serde_json::to_string_pretty(&model.config.to_json())? + "\n").as_bytes())?;
-    if let Some(t) = tokenizer {
-        atomic_write(&dir.join("tokenizer.json"), t.to_json()?.as_bytes())?;
-        let mut cfg = json!({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": t.bos_token,
-            "eos_token": t.eos_token,
-            "add_bos_token": t.add_bos,
-            "model_max_length": model.config.max_position_embeddings,
-        });
-        if let Some(ct) = &t.chat_template {
-            cfg["chat_template"] = json!(ct);
-            atomic_write(&dir.join("chat_template.jinja"), ct.as_bytes())?;
-        }
-        atomic_write(&dir.join("tokenizer_config.json"), (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
-    }
-    Ok(())
+    atomic_write(&dir.join("config.json"), (serde_json::to_string_pretty(&model.config.to_json())? + "\n").as_bytes())
 }

@@ -2,7 +2,9 @@
 //! transformers exactly so loss curves compare with PEFT runs.
 
 pub mod checkpoint;
+pub mod metrics;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
 pub mod trainer;
 

@@ -2,10 +2,11 @@
 //! the adapter, with eval, metrics, checkpoints, resume and a clean stop on request.
 
 use super::checkpoint::{self, TrainerState};
+use super::metrics::{append_metric, write_metrics};
+pub use super::metrics::{read_metrics, Metric};
 use super::optim::{clip_grad_norm, AdamW};
 use super::schedule::Schedule;
 use crate::data::{make_sequences, read_jsonl, to_batch, Cursor, Encoder, Format, Loader, Record, Sequence, SequenceStats};
-use crate::io::atomic_write;
 use crate::kernels::loss::LossSum;
 use crate::lora::{self, LoraAdapter, LoraConfig, TargetModules};
 use crate::model::adapt::LowRankSource;
@@ -172,26 +173,6 @@ impl TrainConfig {
     }
 }
 
-/// One line of metrics.jsonl.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Metric {
-    pub step: usize,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub loss: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub lr: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub grad_norm: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub tokens_per_s: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub eval_loss: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub eval_ppl: Option<f64>,
-    pub epoch: f64,
-    pub elapsed_s: f64,
-}
-
 /// What a run reports at the end.
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainSummary {
@@ -263,21 +244,33 @@ pub fn prepare_data(cfg: &TrainConfig, p: &Pretrained) -> Result<PreparedData> {
         train_on_inputs: cfg.train_on_inputs,
         max_tokens: if cfg.packing { crate::data::examples::MAX_PACKED_EXAMPLE_TOKENS } else { cfg.seq_len },
     };
-    let encode_all = |rs: &[Record], what: &str, path: &Path| -> Result<Vec<crate::data::Example>> {
-        rs.iter()
-            .enumerate()
-            .map(|(i, r)| enc.encode(r).with_context(|| format!("{what} example {} of {}", i + 1, path.display())))
-            .collect()
-    };
-    let train_examples = encode_all(&records, "training", &cfg.data)?;
+    let train_examples = enc.encode_all(&records, &cfg.data)?;
     let (train, train_stats) = make_sequences(&train_examples, cfg.seq_len, cfg.packing)?;
     let eval = if eval_records.is_empty() {
         Vec::new()
     } else {
-        let ex = encode_all(&eval_records, "eval", cfg.eval_data.as_deref().unwrap_or(&cfg.data))?;
+        let ex = enc.encode_all(&eval_records, cfg.eval_data.as_deref().unwrap_or(&cfg.data))?;
         make_sequences(&ex, cfg.seq_len, false)?.0
     };
     Ok(PreparedData { train, eval, train_stats, skipped_lines: skipped })
+}
+
+/// The records of an eval data file and their sequences, masked and truncated as training does
+/// (the same read → render → encode → sequences pipeline as `prepare_data`).
+pub fn eval_data(
+    p: &Pretrained,
+    path: &Path,
+    format: Option<&str>,
+    train_on_inputs: bool,
+    seq_len: usize,
+) -> Result<(Vec<Record>, Vec<Sequence>)> {
+    crate::limits::check_count("seq-len", seq_len, 2, p.model.config.max_position_embeddings)?;
+    let format = format.map(Format::parse).transpose()?;
+    let (records, _) = read_jsonl(path, format, false)?;
+    let template = p.chat_template()?;
+    let enc = Encoder { tokenizer: &p.tokenizer, template: template.as_ref(), train_on_inputs, max_tokens: seq_len };
+    let (seqs, _) = make_sequences(&enc.encode_all(&records, path)?, seq_len, false)?;
+    Ok((records, seqs))
 }
 
 /// Mean loss over `seqs` under the same masking as training (no dropout).
@@ -469,7 +462,7 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
     let adapter_dir = cfg.output.join("adapter");
     lora::peft::save(&adapter, &adapter_dir)?;
     let all = read_metrics(&metrics_path)?;
-    crate::plot::loss_png(&all, &cfg.output.join("loss.png"))?;
+    super::plot::loss_png(&all, &cfg.output.join("loss.png"))?;
     let adapter_bytes = std::fs::metadata(adapter_dir.join(lora::peft::WEIGHTS_FILE)).map(|m| m.len()).unwrap_or(0);
     let run_tokens = state.tokens_seen - tokens_at_start;
     Ok(TrainSummary {
@@ -484,30 +477,4 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
         interrupted,
         adapter_dir,
     })
-}
-
-pub fn read_metrics(path: &Path) -> Result<Vec<Metric>> {
-    let Some(text) = crate::io::read_optional_text(path, "metrics file")? else { return Ok(vec![]) };
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1)))
-        .collect()
-}
-
-fn write_metrics(path: &Path, metrics: &[Metric]) -> Result<()> {
-    let mut text = String::new();
-    for m in metrics {
-        text.push_str(&serde_json::to_string(m)?);
-        text.push('\n');
-    }
-    atomic_write(path, text.as_bytes())
-}
-
-/// Appends one line (a torn last line is impossible to mistake: each line is one write).
-fn append_metric(path: &Path, m: &Metric) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
-    f.write_all(format!("{}\n", serde_json::to_string(m)?).as_bytes())?;
-    Ok(())
 }

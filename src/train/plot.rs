@@ -1,8 +1,8 @@
 //! loss.png: the training (and eval) loss curve, drawn into a pixel buffer and saved as PNG.
 //! Deliberately tiny: lines, dots, axes and a 5×7 bitmap font for the labels.
 
+use super::metrics::Metric;
 use crate::io::atomic_write;
-use crate::train::trainer::Metric;
 use anyhow::Result;
 use std::path::Path;
 
