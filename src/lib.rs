@@ -20,3 +20,8 @@ pub mod train;
 pub use lora::{LoraAdapter, LoraConfig, TargetModules};
 pub use model::{Batch, DecoderModel};
 pub mod tokenizer;
+
+/// The README's Rust example, compiled as a doctest so it cannot drift from the API.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctest;

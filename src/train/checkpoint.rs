@@ -32,8 +32,8 @@ pub struct TrainerState {
 
 impl TrainerState {
     /// The state fits the run that resumes it: its step within the run's steps, its data cursor
-    /// within the data, a usable random generator state.
-    pub fn check_against(&self, total_steps: usize, sequences: usize, cfg: &super::trainer::TrainConfig) -> Result<()> {
+    /// within the data (and at most `max_epoch`), a usable random generator state.
+    pub fn check_against(&self, total_steps: usize, sequences: usize, max_epoch: u64) -> Result<()> {
         if self.total_steps != total_steps {
             bail!("trainer_state.json: total_steps {} but this run has {total_steps}", self.total_steps);
         }
@@ -43,8 +43,7 @@ impl TrainerState {
         if self.cursor.index > sequences {
             bail!("trainer_state.json: cursor.index {} is past the {sequences} training sequences", self.cursor.index);
         }
-        let epochs = if cfg.max_steps.is_some() { u64::MAX } else { cfg.epochs.ceil() as u64 + 1 };
-        if self.cursor.epoch > epochs.min(total_steps as u64 * cfg.grad_accum as u64) {
+        if self.cursor.epoch > max_epoch {
             bail!("trainer_state.json: cursor.epoch {} is out of range for this run", self.cursor.epoch);
         }
         if self.rng == [0; 4] {

@@ -340,7 +340,10 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
                     TrainConfig::fingerprint_diff(&c.state.fingerprint, &cfg.fingerprint())
                 );
             }
-            c.state.check_against(total_steps, loader.len(), cfg).with_context(|| format!("resuming from {}", dir.display()))?;
+            // Each micro-batch advances the data by at most one epoch.
+            let epochs = if cfg.max_steps.is_some() { u64::MAX } else { cfg.epochs.ceil() as u64 + 1 };
+            let max_epoch = epochs.min(total_steps as u64 * cfg.grad_accum as u64);
+            c.state.check_against(total_steps, loader.len(), max_epoch).with_context(|| format!("resuming from {}", dir.display()))?;
             if c.optimizer.weight_decay != cfg.weight_decay {
                 bail!(
                     "{}: the optimizer state has weight_decay {}, this run {}",
