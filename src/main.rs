@@ -13,7 +13,6 @@ use lowrank::model::WeightFormat;
 use lowrank::pretrained::Pretrained;
 use lowrank::train::trainer::{self, Metric, Progress, TrainConfig};
 use lowrank::LoraAdapter;
-use serde::Deserialize;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -263,166 +262,14 @@ enum DataCommand {
     Preview(PreviewArgs),
 }
 
-/// Training settings. Every flag may also be given in a TOML file (`--config`), with the same
-/// names in snake_case; flags override the file.
-#[derive(Args, Deserialize, Default)]
-#[serde(default, deny_unknown_fields)]
+/// `lowrank train`: the training settings (one definition, `TrainConfig`) and a settings file.
+#[derive(Args)]
 struct TrainArgs {
-    /// TOML file with any of these settings.
+    /// TOML file with any of these settings (the same names in snake_case); flags override it.
     #[arg(long)]
-    #[serde(skip)]
     config: Option<PathBuf>,
-    /// Base model: a Hugging Face directory or a .gguf file.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Training data (JSONL).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Output directory (adapter/, checkpoints/, metrics.jsonl, loss.png).
-    #[arg(long)]
-    output: Option<PathBuf>,
-    /// Separate eval data (JSONL).
-    #[arg(long)]
-    eval_data: Option<PathBuf>,
-    /// Hold out this fraction of the training data for eval.
-    #[arg(long, allow_negative_numbers = true)]
-    eval_fraction: Option<f64>,
-    /// Data format: text, prompt-completion, alpaca or messages (default: detected per line).
-    #[arg(long)]
-    format: Option<String>,
-    /// Also train on prompt / user tokens.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    train_on_inputs: Option<bool>,
-    /// Skip (and count) malformed lines instead of stopping.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    skip_bad_lines: Option<bool>,
-    /// Pack short examples together into full sequences.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    packing: Option<bool>,
-    /// LoRA rank r.
-    #[arg(long, allow_negative_numbers = true)]
-    rank: Option<usize>,
-    /// LoRA alpha (scale = alpha / r).
-    #[arg(long, allow_negative_numbers = true)]
-    alpha: Option<f32>,
-    /// Dropout on the LoRA input.
-    #[arg(long, allow_negative_numbers = true)]
-    dropout: Option<f32>,
-    /// Target modules: comma-separated names (q_proj,v_proj), "all-linear" or re:REGEX.
-    #[arg(long)]
-    targets: Option<String>,
-    /// rsLoRA scaling (alpha / sqrt(r)).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    rslora: Option<bool>,
-    /// Sequences per micro-batch.
-    #[arg(long, allow_negative_numbers = true)]
-    batch_size: Option<usize>,
-    /// Micro-batches per optimizer step.
-    #[arg(long, allow_negative_numbers = true)]
-    grad_accum: Option<usize>,
-    /// Maximum tokens per sequence (longer examples are truncated and counted).
-    #[arg(long, allow_negative_numbers = true)]
-    seq_len: Option<usize>,
-    /// Peak learning rate.
-    #[arg(long, allow_negative_numbers = true)]
-    lr: Option<f64>,
-    #[arg(long, allow_negative_numbers = true)]
-    warmup_steps: Option<usize>,
-    /// linear, cosine, constant or constant_with_warmup.
-    #[arg(long)]
-    schedule: Option<String>,
-    #[arg(long, allow_negative_numbers = true)]
-    weight_decay: Option<f64>,
-    /// Clip the global gradient norm to this.
-    #[arg(long, allow_negative_numbers = true)]
-    max_grad_norm: Option<f64>,
-    #[arg(long, allow_negative_numbers = true)]
-    epochs: Option<f64>,
-    /// Stop after this many optimizer steps (overrides --epochs).
-    #[arg(long, allow_negative_numbers = true)]
-    max_steps: Option<usize>,
-    /// Evaluate every N steps (and at the end).
-    #[arg(long, allow_negative_numbers = true)]
-    eval_every: Option<usize>,
-    /// Write a checkpoint every N steps.
-    #[arg(long, allow_negative_numbers = true)]
-    save_every: Option<usize>,
-    /// Checkpoints to keep.
-    #[arg(long, allow_negative_numbers = true)]
-    keep_checkpoints: Option<usize>,
-    #[arg(long, allow_negative_numbers = true)]
-    seed: Option<u64>,
-    /// Worker threads (default: all cores).
-    #[arg(long, allow_negative_numbers = true)]
-    threads: Option<usize>,
-    /// Continue from a checkpoint directory (…/checkpoints/step-N).
-    #[arg(long)]
-    resume: Option<PathBuf>,
-    /// Replace what a non-empty output directory holds (it is cleared once the model and data
-    /// have loaded). Without it, a new run refuses a non-empty output directory.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    overwrite: Option<bool>,
-    /// Recompute each layer in the backward pass instead of keeping its activations.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    gradient_checkpointing: Option<bool>,
-    /// Keep the frozen base weights as f32, bf16, q8_0 or q4_1 (less memory; f32 is exact; bf16 trains ~2x faster on CPUs with AMX).
-    #[arg(long)]
-    weights: Option<String>,
-}
-
-impl TrainArgs {
-    /// Flags over file over defaults.
-    fn resolve(self) -> Result<TrainConfig> {
-        let file: TrainArgs = match &self.config {
-            Some(p) => {
-                let text = lowrank::io::read_input_text(p, "settings file")?;
-                toml::from_str(&text).with_context(|| format!("in {}", p.display()))?
-            }
-            None => TrainArgs::default(),
-        };
-        let d = TrainConfig::default();
-        macro_rules! pick {
-            ($f:ident) => {
-                self.$f.or(file.$f).unwrap_or(d.$f)
-            };
-        }
-        let cfg = TrainConfig {
-            model: self.model.or(file.model).context("--model is required")?,
-            data: self.data.or(file.data).context("--data is required")?,
-            output: pick!(output),
-            eval_data: self.eval_data.or(file.eval_data),
-            eval_fraction: pick!(eval_fraction),
-            format: self.format.or(file.format),
-            train_on_inputs: pick!(train_on_inputs),
-            skip_bad_lines: pick!(skip_bad_lines),
-            packing: pick!(packing),
-            rank: pick!(rank),
-            alpha: pick!(alpha),
-            dropout: pick!(dropout),
-            targets: pick!(targets),
-            rslora: pick!(rslora),
-            batch_size: pick!(batch_size),
-            grad_accum: pick!(grad_accum),
-            seq_len: pick!(seq_len),
-            lr: pick!(lr),
-            warmup_steps: pick!(warmup_steps),
-            schedule: pick!(schedule),
-            weight_decay: pick!(weight_decay),
-            max_grad_norm: pick!(max_grad_norm),
-            epochs: pick!(epochs),
-            max_steps: self.max_steps.or(file.max_steps),
-            eval_every: pick!(eval_every),
-            save_every: pick!(save_every),
-            keep_checkpoints: pick!(keep_checkpoints),
-            seed: pick!(seed),
-            threads: pick!(threads),
-            resume: self.resume.or(file.resume),
-            overwrite: pick!(overwrite),
-            gradient_checkpointing: pick!(gradient_checkpointing),
-            weights: pick!(weights),
-        };
-        Ok(cfg)
-    }
+    #[command(flatten)]
+    settings: TrainConfig,
 }
 
 #[derive(Args)]
@@ -564,8 +411,15 @@ fn load_adapter(p: &Pretrained, path: &Option<PathBuf>) -> Result<Option<LoraAda
     path.as_ref().map(|a| lowrank::lora::peft::load(a, &p.model)).transpose()
 }
 
-fn cmd_train(args: TrainArgs) -> Result<()> {
-    let cfg = args.resolve()?;
+fn cmd_train(args: TrainArgs, matches: &clap::ArgMatches) -> Result<()> {
+    let cfg = match &args.config {
+        Some(path) => {
+            let text = lowrank::io::read_input_text(path, "settings file")?;
+            let given = |key: &str| matches.value_source(key) == Some(clap::parser::ValueSource::CommandLine);
+            args.settings.with_file(&text, path, &given)?
+        }
+        None => args.settings,
+    };
     cfg.validate()?;
     ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
@@ -843,9 +697,11 @@ fn cmd_bench(c: BenchCommand) -> Result<()> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        Command::Train(a) => cmd_train(*a),
+        Command::Train(a) => cmd_train(*a, matches.subcommand_matches("train").expect("the train subcommand")),
         Command::Eval(a) => cmd_eval(a),
         Command::Data { command: DataCommand::Preview(a) } => cmd_preview(a),
         Command::Generate(a) => cmd_generate(a),
