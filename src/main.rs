@@ -7,7 +7,7 @@ use lowrank::data::{read_jsonl, ChatTemplate, Encoder, Format, Message};
 use lowrank::infer::session::Session;
 use lowrank::infer::{exact_match, generate, GenerateParams, SamplingParams};
 use lowrank::lora::adapter::thousands;
-use lowrank::lora::combine::{add_weighted, merge, AdapterSet, Combination};
+use lowrank::lora::combine::{add_weighted, merge, AdapterSet, AdapterSpec, Combination};
 use lowrank::model::adapt::{LowRankSource, NoAdapter};
 use lowrank::model::WeightFormat;
 use lowrank::pretrained::Pretrained;
@@ -94,13 +94,7 @@ impl InferArgs {
         let p = Pretrained::load_as(&self.model, self.weights)?;
         let mut set = AdapterSet::default();
         for spec in &self.adapter {
-            let (name, rest) = match spec.split_once('=') {
-                Some((n, r)) => (n.to_string(), r),
-                None => ("default".to_string(), spec.as_str()),
-            };
-            let (path, scale) = split_weight(rest, "--adapter")?;
-            let a = lowrank::lora::peft::load(path.as_ref(), &p.model)?;
-            set.add(&name, a, scale)?;
+            set.load(&AdapterSpec::parse(spec)?, &p.model)?;
         }
         Session::new(p, set, self.merged)
     }
@@ -384,19 +378,6 @@ impl Progress for Bar {
     }
 }
 
-/// `PATH@WEIGHT` → (PATH, WEIGHT), or (spec, 1) when nothing after the last `@` reads as a
-/// number (so a path may contain `@`). A weight must be finite and in [-1e6, 1e6].
-fn split_weight<'a>(spec: &'a str, flag: &str) -> Result<(&'a str, f32)> {
-    match spec.rsplit_once('@') {
-        Some((path, w)) if !path.is_empty() && w.parse::<f32>().is_ok() => {
-            let w: f32 = w.parse()?;
-            lowrank::limits::check(&format!("{flag} {spec:?}: the weight"), w as f64, lowrank::limits::Allowed::Closed(-1e6, 1e6))?;
-            Ok((path, w))
-        }
-        _ => Ok((spec, 1.0)),
-    }
-}
-
 /// Runs `f` on a thread pool of `n` workers (0: rayon's default, one per core). The binary owns
 /// the pool; the library never configures a global one, so a host program decides its threads.
 fn in_pool<T: Send>(n: usize, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
@@ -637,8 +618,9 @@ fn cmd_export_gguf(a: ExportArgs) -> Result<()> {
 }
 
 fn cmd_combine(a: CombineArgs) -> Result<()> {
-    let specs: Vec<(&str, f32)> = a.adapter.iter().map(|s| split_weight(s, "--adapter")).collect::<Result<_>>()?;
-    let mut inputs: Vec<&std::path::Path> = specs.iter().map(|(p, _)| std::path::Path::new(*p)).collect();
+    // PATH@WEIGHT (no names: the combination is one adapter).
+    let specs: Vec<AdapterSpec> = a.adapter.iter().map(|s| AdapterSpec::parse_unnamed(s)).collect::<Result<_>>()?;
+    let mut inputs: Vec<&std::path::Path> = specs.iter().map(|s| s.path.as_path()).collect();
     inputs.push(&a.model);
     lowrank::io::check_output_apart(&a.output, &inputs)?;
     if !a.overwrite {
@@ -647,8 +629,8 @@ fn cmd_combine(a: CombineArgs) -> Result<()> {
     let combination = Combination::parse(&a.combination)?;
     let p = Pretrained::load(&a.model)?;
     let mut loaded = Vec::new();
-    for (path, w) in specs {
-        loaded.push((lowrank::lora::peft::load(path.as_ref(), &p.model)?, w));
+    for s in specs {
+        loaded.push((lowrank::lora::peft::load(&s.path, &p.model)?, s.scale));
     }
     let refs: Vec<(&LoraAdapter, f32)> = loaded.iter().map(|(a, w)| (a, *w)).collect();
     let out = add_weighted(&p.model, &refs, combination)?;

@@ -11,7 +11,37 @@ use crate::model::{
 };
 use anyhow::{bail, Result};
 
-/// Adapters loaded side by side, unmerged; `active` picks the one the model applies.
+/// An adapter as a command line or a request names it: `[NAME=]PATH[@SCALE]` (NAME defaults to
+/// "default", SCALE to 1; a path may contain `@` when what follows the last one is no number).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterSpec {
+    pub name: String,
+    pub path: std::path::PathBuf,
+    pub scale: f32,
+}
+
+impl AdapterSpec {
+    pub fn parse(spec: &str) -> Result<Self> {
+        match spec.split_once('=') {
+            Some((name, rest)) => Ok(AdapterSpec { name: name.to_string(), ..Self::parse_unnamed(rest)? }),
+            None => Self::parse_unnamed(spec),
+        }
+    }
+
+    /// `PATH[@SCALE]` alone (named "default"), for commands whose adapters need no names.
+    pub fn parse_unnamed(spec: &str) -> Result<Self> {
+        let (name, rest) = ("default", spec);
+        let (path, scale) = match rest.rsplit_once('@') {
+            Some((path, w)) if !path.is_empty() && w.parse::<f32>().is_ok() => (path, w.parse::<f32>()?),
+            _ => (rest, 1.0),
+        };
+        crate::limits::check(&format!("adapter {spec:?}: the weight"), scale as f64, crate::limits::Allowed::Closed(-1e6, 1e6))?;
+        Ok(AdapterSpec { name: name.to_string(), path: path.into(), scale })
+    }
+}
+
+/// Adapters loaded side by side, unmerged, each under a name with its scale (the registry a
+/// front end keeps); `active` picks the one the model applies.
 #[derive(Default)]
 pub struct AdapterSet {
     pub entries: Vec<(String, LoraAdapter, f32)>,
@@ -33,6 +63,23 @@ impl AdapterSet {
             self.active = Some(self.entries.len() - 1);
         }
         Ok(())
+    }
+
+    /// Loads the PEFT adapter directory `spec` names, for `model`, under its name.
+    pub fn load(&mut self, spec: &AdapterSpec, model: &DecoderModel) -> Result<()> {
+        let adapter = super::peft::load(&spec.path, model)?;
+        self.add(&spec.name, adapter, spec.scale)
+    }
+
+    /// Unloads the adapter `name` (none is active afterwards if it was).
+    pub fn remove(&mut self, name: &str) -> Result<LoraAdapter> {
+        let Some(i) = self.entries.iter().position(|e| e.0 == name) else { bail!("no adapter named \"{name}\"") };
+        self.active = match self.active {
+            Some(a) if a == i => None,
+            Some(a) if a > i => Some(a - 1),
+            other => other,
+        };
+        Ok(self.entries.remove(i).1)
     }
 
     /// Makes `name` the active adapter, or none with `None`.
@@ -182,4 +229,20 @@ pub fn add_weighted(model: &DecoderModel, adapters: &[(&LoraAdapter, f32)], how:
         out.params[t.offset + a_len..t.offset + a_len + b_len].copy_from_slice(&new_b);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_specs_parse_names_paths_and_weights() {
+        let s = AdapterSpec::parse("dates=runs/a@b/adapter@0.5").unwrap();
+        assert_eq!((s.name.as_str(), s.path.to_str().unwrap(), s.scale), ("dates", "runs/a@b/adapter", 0.5));
+        let s = AdapterSpec::parse("runs/x@latest").unwrap();
+        assert_eq!((s.name.as_str(), s.path.to_str().unwrap(), s.scale), ("default", "runs/x@latest", 1.0));
+        assert_eq!(AdapterSpec::parse_unnamed("a=b@2").unwrap().path.to_str(), Some("a=b"));
+        assert!(AdapterSpec::parse("x=p@nan").unwrap_err().to_string().contains("got NaN"));
+        assert!(AdapterSpec::parse("x=p@1e9").is_err());
+    }
 }
