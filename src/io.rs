@@ -160,25 +160,41 @@ fn resolved(path: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Where an output stands to an input.
+#[derive(PartialEq)]
+enum Overlap {
+    Is,
+    Inside,
+    Contains,
+}
+
+/// How `output` overlaps `input`, if at all. Paths are compared both as written and with
+/// symbolic links followed: a link to an input inside the output directory counts as the input
+/// (clearing the directory would remove it).
+fn overlap(output: &Path, input: &Path) -> Result<Option<Overlap>> {
+    let (outs, inps) = ([lexical(output)?, resolved(output)?], [lexical(input)?, resolved(input)?]);
+    let any = |f: &dyn Fn(&PathBuf, &PathBuf) -> bool| outs.iter().any(|o| inps.iter().any(|i| f(o, i)));
+    Ok(if any(&|o, i| o == i) {
+        Some(Overlap::Is)
+    } else if any(&|o, i| o.starts_with(i)) {
+        Some(Overlap::Inside)
+    } else if any(&|o, i| i.starts_with(o)) {
+        Some(Overlap::Contains)
+    } else {
+        None
+    })
+}
+
 /// Refuses an output that is one of the inputs, lies inside one, or contains one (writing or
-/// clearing it would then destroy what the command reads). Paths are compared both as written
-/// and with symbolic links followed: a link to an input inside the output directory counts as
-/// the input (clearing the directory would remove it).
+/// clearing it would then destroy what the command reads).
 pub fn check_output_apart(output: &Path, inputs: &[&Path]) -> Result<()> {
-    let outs = [lexical(output)?, resolved(output)?];
     for input in inputs {
-        for inp in [lexical(input)?, resolved(input)?] {
-            for out in &outs {
-                if *out == inp {
-                    bail!("the output {} is the input {}; choose another output", output.display(), input.display());
-                }
-                if out.starts_with(&inp) {
-                    bail!("the output {} lies inside the input {}; choose an output outside it", output.display(), input.display());
-                }
-                if inp.starts_with(out) {
-                    bail!("the output {} contains the input {}; choose an output that does not", output.display(), input.display());
-                }
-            }
+        let (o, i) = (output.display(), input.display());
+        match overlap(output, input)? {
+            Some(Overlap::Is) => bail!("the output {o} is the input {i}; choose another output"),
+            Some(Overlap::Inside) => bail!("the output {o} lies inside the input {i}; choose an output outside it"),
+            Some(Overlap::Contains) => bail!("the output {o} contains the input {i}; choose an output that does not"),
+            None => {}
         }
     }
     Ok(())
@@ -186,12 +202,8 @@ pub fn check_output_apart(output: &Path, inputs: &[&Path]) -> Result<()> {
 
 /// Refuses an output that is, or lies inside, `input` (an output may contain it).
 pub fn check_output_not_inside(output: &Path, input: &Path) -> Result<()> {
-    for out in [lexical(output)?, resolved(output)?] {
-        for inp in [lexical(input)?, resolved(input)?] {
-            if out.starts_with(&inp) {
-                bail!("the output {} is or lies inside the input {}; choose an output outside it", output.display(), input.display());
-            }
-        }
+    if matches!(overlap(output, input)?, Some(Overlap::Is | Overlap::Inside)) {
+        bail!("the output {} is or lies inside the input {}; choose an output outside it", output.display(), input.display());
     }
     Ok(())
 }
@@ -238,10 +250,10 @@ fn existing_entries(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
 /// then takes `dir`'s place. If `fill` fails, `dir` is left exactly as it was. `dir` must pass
 /// `prepare_output_dir` with `overwrite` (its old contents are replaced only on success).
 pub fn write_dir_atomically(dir: &Path, overwrite: bool, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    if let Some(entries) = existing_entries(dir)? {
-        if !entries.is_empty() && !overwrite {
-            prepare_output_dir(dir, false)?; // for its message
-        }
+    if overwrite {
+        existing_entries(dir)?; // only a directory may be replaced
+    } else {
+        prepare_output_dir(dir, false)?;
     }
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).with_context(|| format!("creating directory {}", parent.display()))?;

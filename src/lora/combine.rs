@@ -30,13 +30,12 @@ impl AdapterSpec {
 
     /// `PATH[@SCALE]` alone (named "default"), for commands whose adapters need no names.
     pub fn parse_unnamed(spec: &str) -> Result<Self> {
-        let (name, rest) = ("default", spec);
-        let (path, scale) = match rest.rsplit_once('@') {
+        let (path, scale) = match spec.rsplit_once('@') {
             Some((path, w)) if !path.is_empty() && w.parse::<f32>().is_ok() => (path, w.parse::<f32>()?),
-            _ => (rest, 1.0),
+            _ => (spec, 1.0),
         };
         crate::limits::check(&format!("adapter {spec:?}: the weight"), scale as f64, crate::limits::Allowed::Closed(-1e6, 1e6))?;
-        Ok(AdapterSpec { name: name.to_string(), path: path.into(), scale })
+        Ok(AdapterSpec { name: "default".to_string(), path: path.into(), scale })
     }
 }
 

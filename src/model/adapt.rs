@@ -148,11 +148,16 @@ pub(crate) fn linear_forward(
         _ => None,
     };
     let dropped: Option<Vec<f32>> = keep.as_ref().map(|k| k.apply(x));
-    let xd = dropped.as_deref().unwrap_or(x);
-    let mut u = vec![0.0; rows * lr.r];
-    matmul(&mut u, xd, false, lr.a, true, rows, lr.r, lin.in_features, 1.0, false);
-    matmul(y, &u, false, lr.b, true, rows, lin.out_features, lr.r, lr.scale, true);
+    let u = add_lowrank(&lr, dropped.as_deref().unwrap_or(x), rows, lin.in_features, lin.out_features, y);
     Some(LowRankActs { u, keep })
+}
+
+/// y += scale·(x·Aᵀ)·Bᵀ over `rows` rows; returns u = x·Aᵀ (`[rows, r]`).
+fn add_lowrank(lr: &LowRank, x: &[f32], rows: usize, inf: usize, outf: usize, y: &mut [f32]) -> Vec<f32> {
+    let mut u = vec![0.0; rows * lr.r];
+    matmul(&mut u, x, false, lr.a, true, rows, lr.r, inf, 1.0, false);
+    matmul(y, &u, false, lr.b, true, rows, outf, lr.r, lr.scale, true);
+    u
 }
 
 /// Backward of `linear_forward`: accumulates dA, dB into `grads`, and writes (or, with
@@ -214,11 +219,7 @@ pub(crate) fn linear_forward_segments(lin: &Linear, segments: &[Segment], x: &[f
     let (inf, outf) = (lin.in_features, lin.out_features);
     for seg in segments {
         let Some(lr) = seg.lowrank else { continue };
-        let n = seg.rows.len();
-        let xs = &x[seg.rows.start * inf..seg.rows.end * inf];
-        let ys = &mut y[seg.rows.start * outf..seg.rows.end * outf];
-        let mut u = vec![0.0; n * lr.r];
-        matmul(&mut u, xs, false, lr.a, true, n, lr.r, inf, 1.0, false);
-        matmul(ys, &u, false, lr.b, true, n, outf, lr.r, lr.scale, true);
+        let (xs, ys) = (&x[seg.rows.start * inf..seg.rows.end * inf], &mut y[seg.rows.start * outf..seg.rows.end * outf]);
+        add_lowrank(&lr, xs, seg.rows.len(), inf, outf, ys);
     }
 }

@@ -105,6 +105,9 @@ impl StepCtx<'_> {
 pub struct SeqCache {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// The attention key mask: a sequence's own positions are never padding (which of them a
+    /// query sees is the causal rule's and the window's), so it is all true.
+    visible: Vec<bool>,
     len: usize,
     capacity: usize,
 }
@@ -542,10 +545,9 @@ impl DecoderModel {
                     q_offset: past,
                     window: c.sliding_window,
                 };
-                let all_keys = vec![true; s.cache.capacity];
                 let mut attn = vec![0.0; q.len()];
                 let mut lse = vec![0.0; s.new * heads];
-                attention_forward(&q, &s.cache.k[l], &s.cache.v[l], &all_keys, shape, &mut attn, &mut lse);
+                attention_forward(&q, &s.cache.k[l], &s.cache.v[l], &s.cache.visible, shape, &mut attn, &mut lse);
                 from_heads(&attn, &mut out[rows.start * qd..rows.end * qd], ql, None);
             }
             (out, None)
@@ -720,6 +722,7 @@ impl DecoderModel {
         Ok(SeqCache {
             k: (0..c.num_layers).map(|_| vec![0.0; per_layer]).collect(),
             v: (0..c.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            visible: vec![true; capacity],
             len: 0,
             capacity,
         })
@@ -745,9 +748,12 @@ impl DecoderModel {
             }
         }
         // Rows grouped by adapter (identity and scale), so each adapter's rows form one run.
-        let key = |s: &SeqStep| s.adapter.map(|(a, scale)| (a as *const dyn LowRankSource as *const () as usize, scale.to_bits()));
+        // An adapter's identity: its address and its scale.
+        let key = |ad: Option<(&dyn LowRankSource, f32)>| {
+            ad.map(|(a, scale)| (a as *const dyn LowRankSource as *const () as usize, scale.to_bits()))
+        };
         let mut order: Vec<usize> = (0..seqs.len()).collect();
-        order.sort_by_key(|&i| key(&seqs[i]));
+        order.sort_by_key(|&i| key(seqs[i].adapter));
         let mut tokens = Vec::new();
         let mut segments: Vec<RowRun> = Vec::new();
         let mut starts = vec![0; seqs.len()];
@@ -757,9 +763,7 @@ impl DecoderModel {
             let rows = tokens.len()..tokens.len() + s.tokens.len();
             tokens.extend_from_slice(s.tokens);
             match segments.last_mut() {
-                Some((r, ad)) if ad.map(|(a, sc)| (a as *const dyn LowRankSource as *const () as usize, sc.to_bits())) == key(s) => {
-                    r.end = rows.end
-                }
+                Some((r, ad)) if key(*ad) == key(s.adapter) => r.end = rows.end,
                 _ => segments.push((rows, s.adapter)),
             }
         }
@@ -774,12 +778,10 @@ impl DecoderModel {
         let mut h = self.embed_tokens(&tokens);
         for l in 0..self.config.num_layers {
             self.layer_step(l, &mut h, &mut rows, &segments);
-            for r in rows.iter_mut() {
-                // Every layer stored its keys at the same positions; advance once all have.
-                if l + 1 == self.config.num_layers {
-                    r.cache.len += r.new;
-                }
-            }
+        }
+        // Every layer stored its keys at the same positions; advance once all have.
+        for r in rows.iter_mut() {
+            r.cache.len += r.new;
         }
         let last: Vec<f32> = rows.iter().flat_map(|r| h[(r.start + r.new - 1) * d..(r.start + r.new) * d].to_vec()).collect();
         let b = rows.len();

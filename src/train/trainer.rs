@@ -160,7 +160,6 @@ impl TrainConfig {
         let c = TrainConfig {
             output: PathBuf::new(),
             resume: None,
-            overwrite: false,
             threads: 0,
             eval_every: 0,
             save_every: 0,
@@ -363,7 +362,9 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
         // Refuse a non-empty output directory now, before the slow loading; with --overwrite it
         // is cleared only once the model and data have loaded, so a run that fails on its input
         // leaves the directory as it was.
-        crate::io::prepare_output_dir(&cfg.output, false).or_else(|e| if cfg.overwrite { Ok(()) } else { Err(e) })?;
+        if !cfg.overwrite {
+            crate::io::prepare_output_dir(&cfg.output, false)?;
+        }
     }
     let inputs: Vec<&Path> =
         [Some(cfg.model.as_path()), Some(cfg.data.as_path()), cfg.eval_data.as_deref()].into_iter().flatten().collect();
