@@ -1,4 +1,4 @@
-//! Benchmarks behind `lowrank bench`: the training workload of ../shared/tools/peft_bench.py
+//! Benchmarks behind `lowrank bench`: the training workload of tools/peft_bench.py
 //! (same corpus, LoRA config, batch, sequence length, FLOP accounting), decode and prefill speed,
 //! and a GEMM micro-benchmark. Results are JSON lines prefixed "RESULT " like peft_bench's.
 

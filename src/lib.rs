@@ -5,6 +5,7 @@
 //! `model` (configs, weights, architectures), `kernels` (numerics on slices).
 
 pub mod bench;
+pub mod convert;
 pub mod data;
 pub mod infer;
 pub mod inspect;

@@ -1,16 +1,16 @@
 //! The `lowrank` command line: train, evaluate, preview data and generate. No math lives here.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use lowrank::data::{read_jsonl, ChatTemplate, Encoder, Format, Message};
+use lowrank::convert;
+use lowrank::infer::chat::Conversation;
 use lowrank::infer::session::Session;
-use lowrank::infer::{exact_match, generate, GenerateParams, SamplingParams};
+use lowrank::infer::{GenerateParams, Generation, Request, SamplingParams};
 use lowrank::lora::adapter::thousands;
-use lowrank::lora::combine::{add_weighted, merge, AdapterSet, AdapterSpec, Combination};
-use lowrank::model::adapt::{LowRankSource, NoAdapter};
 use lowrank::model::WeightFormat;
 use lowrank::pretrained::Pretrained;
+use lowrank::train::eval::{self, EvalSettings};
 use lowrank::train::trainer::{self, Metric, Progress, TrainConfig};
 use lowrank::LoraAdapter;
 use std::io::{IsTerminal, Write};
@@ -88,15 +88,7 @@ struct InferArgs {
 
 impl InferArgs {
     fn session(&self) -> Result<Session> {
-        if self.merged && self.adapter.is_empty() {
-            bail!("--merged needs an --adapter to merge");
-        }
-        let p = Pretrained::load_as(&self.model, self.weights)?;
-        let mut set = AdapterSet::default();
-        for spec in &self.adapter {
-            set.load(&AdapterSpec::parse(spec)?, &p.model)?;
-        }
-        Session::new(p, set, self.merged)
+        Session::load(&self.model, self.weights, &self.adapter, self.merged)
     }
 
     fn params(&self, p: &Pretrained) -> GenerateParams {
@@ -268,29 +260,8 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct EvalArgs {
-    #[arg(long)]
-    model: PathBuf,
-    /// Keep the base weights as f32, bf16, q8_0 or q4_1.
-    #[arg(long, default_value = "f32", value_parser = WeightFormat::parse)]
-    weights: WeightFormat,
-    /// PEFT adapter directory.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
-    #[arg(long)]
-    data: PathBuf,
-    #[arg(long)]
-    format: Option<String>,
-    #[arg(long)]
-    train_on_inputs: bool,
-    #[arg(long, allow_negative_numbers = true, default_value_t = 2048)]
-    seq_len: usize,
-    #[arg(long, allow_negative_numbers = true, default_value_t = 8)]
-    batch_size: usize,
-    /// Also generate greedy answers and report exact-match accuracy.
-    #[arg(long)]
-    exact_match: bool,
-    #[arg(long, allow_negative_numbers = true, default_value_t = 64)]
-    max_new_tokens: usize,
+    #[command(flatten)]
+    settings: EvalSettings,
     /// Print every generated answer (with --exact-match).
     #[arg(long)]
     show: bool,
@@ -389,7 +360,7 @@ fn in_pool<T: Send>(n: usize, f: impl FnOnce() -> Result<T> + Send) -> Result<T>
 }
 
 fn load_adapter(p: &Pretrained, path: &Option<PathBuf>) -> Result<Option<LoraAdapter>> {
-    path.as_ref().map(|a| lowrank::lora::peft::load(a, &p.model)).transpose()
+    path.as_ref().map(|a| lowrank::lora::load(a, &p.model)).transpose()
 }
 
 fn cmd_train(args: TrainArgs, matches: &clap::ArgMatches) -> Result<()> {
@@ -436,104 +407,50 @@ fn cmd_train(args: TrainArgs, matches: &clap::ArgMatches) -> Result<()> {
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
-    let p = Pretrained::load_as(&a.model, a.weights)?;
-    let adapter = load_adapter(&p, &a.adapter)?;
-    let ad: &dyn LowRankSource = match &adapter {
-        Some(x) => x,
-        None => &NoAdapter,
-    };
-    lowrank::limits::check_count("--batch-size", a.batch_size, 1, 1 << 16)?;
-    let (records, seqs) = trainer::eval_data(&p, &a.data, a.format.as_deref(), a.train_on_inputs, a.seq_len)?;
-    let t = &p.tokenizer;
-    let loss = trainer::evaluate(&p.model, ad, &seqs, a.batch_size, t.eos_id.unwrap_or(0))?;
-    let em = if a.exact_match { Some(exact_match::exact_match(&p, ad, &records, a.batch_size, a.max_new_tokens)?) } else { None };
+    let report = eval::run(&a.settings)?;
     if a.json {
-        let mut v =
-            serde_json::json!({"loss": loss.mean(), "perplexity": loss.mean().exp(), "tokens": loss.count, "examples": records.len()});
-        if let Some(em) = &em {
-            v["exact_match"] = serde_json::json!(em.accuracy());
-            v["exact_match_correct"] = serde_json::json!(em.correct);
-        }
-        println!("{v}");
-    } else {
-        println!("loss {:.4}  perplexity {:.3}  ({} tokens, {} examples)", loss.mean(), loss.mean().exp(), loss.count, records.len());
-        if let Some(em) = &em {
-            if a.show {
-                for (_, want, got) in &em.answers {
-                    println!("{} expected {want:?} got {got:?}", if got.trim() == want.trim() { "ok  " } else { "MISS" });
-                }
+        println!("{}", report.to_json());
+        return Ok(());
+    }
+    let loss = &report.loss;
+    println!("loss {:.4}  perplexity {:.3}  ({} tokens, {} examples)", loss.mean(), loss.mean().exp(), loss.count, report.examples);
+    if let Some(em) = &report.exact_match {
+        if a.show {
+            for (_, want, got) in &em.answers {
+                println!("{} expected {want:?} got {got:?}", if got.trim() == want.trim() { "ok  " } else { "MISS" });
             }
-            println!("exact match {}/{} = {:.1}%", em.correct, em.total, 100.0 * em.accuracy());
         }
+        println!("exact match {}/{} = {:.1}%", em.correct, em.total, 100.0 * em.accuracy());
     }
     Ok(())
 }
 
 fn cmd_preview(a: PreviewArgs) -> Result<()> {
     let p = Pretrained::load(&a.model)?;
-    let format = a.format.as_deref().map(Format::parse).transpose()?;
-    let (records, _) = read_jsonl(&a.data, format, false)?;
-    let t = &p.tokenizer;
-    let template = p.chat_template()?;
-    lowrank::limits::check_count("--seq-len", a.seq_len, 1, p.model.config.max_position_embeddings)?;
-    let enc = Encoder { tokenizer: t, template: template.as_ref(), train_on_inputs: a.train_on_inputs, max_tokens: a.seq_len };
-    println!("Tokens in [brackets] are masked (label -100); the rest train. '|' separates tokens.\n");
-    for (i, r) in records.iter().take(a.limit).enumerate() {
-        let e = enc.encode(r).with_context(|| format!("{}: example {}", a.data.display(), i + 1))?;
-        let n = e.ids.len().min(a.seq_len);
-        let mut line = String::new();
-        for k in 0..n {
-            let piece = t.decode(&e.ids[k..k + 1], false)?.replace('\n', "\\n");
-            if e.train[k] && k > 0 {
-                line.push_str(&piece);
-            } else {
-                line.push_str(&format!("[{piece}]"));
-            }
-            line.push('|');
-        }
-        let trained = e.train[..n].iter().skip(1).filter(|&&x| x).count();
-        println!(
-            "example {}: {} tokens, {trained} trained{}",
-            i + 1,
-            e.ids.len(),
-            if e.ids.len() > a.seq_len { format!(", truncated to {}", a.seq_len) } else { String::new() }
-        );
-        println!("{line}\n");
-    }
+    print!("{}", eval::preview(&p, &a.data, a.format.as_deref(), a.train_on_inputs, a.seq_len, a.limit)?);
     Ok(())
 }
 
-fn template_of(p: &Pretrained) -> Result<ChatTemplate> {
-    p.chat_template()?.context("the model has no chat template")
-}
-
-fn stream_to_stdout() -> impl FnMut(usize, &str) {
-    |_: usize, text: &str| {
-        let mut out = std::io::stdout();
-        let _ = out.write_all(text.as_bytes());
-        let _ = out.flush();
-    }
+fn print_now(text: &str) {
+    let mut out = std::io::stdout();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let s = a.infer.session()?;
-    let p = &s.base;
-    let t = &p.tokenizer;
-    let prompt = if a.chat {
-        t.encode(&template_of(p)?.render(&[Message::new("user", &a.prompt)], true)?, false)?
-    } else {
-        t.encode(&a.prompt, true)?
-    };
-    let mut stream = stream_to_stdout();
-    generate(s.model(), s.source(), t, &[prompt], &a.infer.params(p), Some(&mut stream))?;
+    let t = &s.base.tokenizer;
+    let prompt = if a.chat { Conversation::new(&s, &[])?.prompt_for(&s, &a.prompt)? } else { t.encode(&a.prompt, true)? };
+    let request = Request { prompt, params: a.infer.params(&s.base), adapter: s.adapter() };
+    Generation::new(s.model(), t, request)?.run(print_now)?;
     println!();
     Ok(())
 }
 
 fn cmd_chat(a: ChatArgs) -> Result<()> {
     let mut s = a.infer.session()?;
-    let template = template_of(&s.base)?;
-    let mut history: Vec<Message> = a.system.iter().map(|m| Message::new("system", m)).collect();
+    let mut chat = Conversation::new(&s, a.system.as_slice())?;
+    let params = a.infer.params(&s.base);
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     let active = |s: &Session| s.adapters.active_name().unwrap_or("none").to_string();
@@ -554,7 +471,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             match (parts.next(), parts.next()) {
                 (Some("quit" | "exit"), _) => break,
                 (Some("reset"), _) => {
-                    history.retain(|m| m.role == "system");
+                    chat.reset();
                     println!("[history cleared]");
                 }
                 (Some("adapters"), _) => {
@@ -572,70 +489,30 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        history.push(Message::new("user", line));
-        let ids = s.base.tokenizer.encode(&template.render(&history, true)?, false)?;
-        let mut stream = stream_to_stdout();
-        let out = match generate(s.model(), s.source(), &s.base.tokenizer, &[ids], &a.infer.params(&s.base), Some(&mut stream)) {
-            Ok(out) => out,
-            Err(e) => {
-                // One turn that cannot run (e.g. past the context) ends that turn, not the chat.
-                println!("[{e:#}]");
-                history.pop();
-                continue;
-            }
-        };
-        println!();
-        history.push(Message::new("assistant", &s.base.tokenizer.decode(&out[0], true)?));
+        // One turn that cannot run (e.g. past the context) ends that turn, not the chat.
+        match chat.turn(&s, line, &params, print_now) {
+            Ok(_) => println!(),
+            Err(e) => println!("[{e:#}]"),
+        }
     }
     Ok(())
 }
 
 fn cmd_merge(a: MergeArgs) -> Result<()> {
-    lowrank::limits::check("--scale", a.scale as f64, lowrank::limits::Allowed::Closed(-1e6, 1e6))?;
-    lowrank::io::check_output_apart(&a.output, &[&a.model, &a.adapter])?;
-    if !a.overwrite {
-        lowrank::io::prepare_output_dir(&a.output, false)?;
-    }
-    let mut p = Pretrained::load(&a.model)?;
-    let adapter = lowrank::lora::peft::load(&a.adapter, &p.model)?;
-    merge(&mut p.model, &adapter, a.scale)?;
-    lowrank::io::write_dir_atomically(&a.output, a.overwrite, |dir| p.save_hf_dir(dir))?;
+    convert::merge_into_model(&a.model, &a.adapter, a.scale, &a.output, a.overwrite)?;
     println!("merged {} into {} → {}", a.adapter.display(), a.model.display(), a.output.display());
     Ok(())
 }
 
 fn cmd_export_gguf(a: ExportArgs) -> Result<()> {
-    lowrank::io::check_output_apart(&a.output, &[&a.model, &a.adapter])?;
-    if !a.overwrite && std::fs::symlink_metadata(&a.output).is_ok() {
-        bail!("the output {} already exists; pass --overwrite to replace it", a.output.display());
-    }
-    let p = Pretrained::load(&a.model)?;
-    let adapter = lowrank::lora::peft::load(&a.adapter, &p.model)?;
-    let bytes = lowrank::lora::gguf_export::to_gguf(&adapter, &p.model.config)?;
-    lowrank::io::atomic_write(&a.output, &bytes)?;
-    println!("wrote {} ({} tensors, {:.2} MiB)", a.output.display(), 2 * adapter.modules.len(), bytes.len() as f64 / (1 << 20) as f64);
+    let (tensors, bytes) = convert::export_gguf(&a.model, &a.adapter, &a.output, a.overwrite)?;
+    println!("wrote {} ({tensors} tensors, {:.2} MiB)", a.output.display(), bytes as f64 / (1 << 20) as f64);
     Ok(())
 }
 
 fn cmd_combine(a: CombineArgs) -> Result<()> {
-    // PATH@WEIGHT (no names: the combination is one adapter).
-    let specs: Vec<AdapterSpec> = a.adapter.iter().map(|s| AdapterSpec::parse_unnamed(s)).collect::<Result<_>>()?;
-    let mut inputs: Vec<&std::path::Path> = specs.iter().map(|s| s.path.as_path()).collect();
-    inputs.push(&a.model);
-    lowrank::io::check_output_apart(&a.output, &inputs)?;
-    if !a.overwrite {
-        lowrank::io::prepare_output_dir(&a.output, false)?;
-    }
-    let combination = Combination::parse(&a.combination)?;
-    let p = Pretrained::load(&a.model)?;
-    let mut loaded = Vec::new();
-    for s in specs {
-        loaded.push((lowrank::lora::peft::load(&s.path, &p.model)?, s.scale));
-    }
-    let refs: Vec<(&LoraAdapter, f32)> = loaded.iter().map(|(a, w)| (a, *w)).collect();
-    let out = add_weighted(&p.model, &refs, combination)?;
-    lowrank::io::write_dir_atomically(&a.output, a.overwrite, |dir| lowrank::lora::peft::save(&out, dir))?;
-    println!("wrote {} (r={})", a.output.display(), out.config.r);
+    let r = convert::combine(&a.model, &a.adapter, &a.combination, &a.output, a.overwrite)?;
+    println!("wrote {} (r={r})", a.output.display());
     Ok(())
 }
 

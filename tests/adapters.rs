@@ -114,7 +114,7 @@ fn gguf_adapter_export_has_llama_cpp_names_shapes_alpha_and_the_exact_update() {
         let adapter = lora::peft::load(&fixture(&format!("{name}/peft_adapter")), &model).unwrap();
         let dir = tmpdir(&format!("gguf-{name}"));
         let path = dir.join("a.gguf");
-        std::fs::write(&path, lora::gguf_export::to_gguf(&adapter, &model.config).unwrap()).unwrap();
+        std::fs::write(&path, lora::gguf::to_gguf(&adapter, &model.config).unwrap()).unwrap();
         let g = GgufFile::open(&path).unwrap();
         assert_eq!(g.get_str("general.type"), Some("adapter"));
         assert_eq!(g.get_str("adapter.type"), Some("lora"));
@@ -143,6 +143,44 @@ fn gguf_adapter_export_has_llama_cpp_names_shapes_alpha_and_the_exact_update() {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// A GGUF adapter reads back (as llama.cpp applies it: alpha/r, q/k rows un-permuted) to the
+/// update of the PEFT adapter it was written from, mixed ranks and alpha_pattern included.
+#[test]
+fn gguf_adapters_load_back_to_the_same_logits() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let model = DecoderModel::from_hf_dir(&fixture(&format!("{name}/model"))).unwrap();
+        let peft = lora::peft::load(&fixture(&format!("{name}/peft_adapter")), &model).unwrap();
+        let dir = tmpdir(&format!("gguf-load-{name}"));
+        let path = dir.join("a.gguf");
+        std::fs::write(&path, lora::gguf::to_gguf(&peft, &model.config).unwrap()).unwrap();
+        let back = lora::load(&path, &model).unwrap();
+        assert_eq!(back.modules.len(), peft.modules.len());
+        for (m, n) in back.modules.iter().zip(&peft.modules) {
+            assert_eq!((&m.name, m.r), (&n.name, n.r));
+        }
+        let (want, got) = (model.forward(&batch(), &peft).unwrap(), model.forward(&batch(), &back).unwrap());
+        let base = model.forward(&batch(), &NoAdapter).unwrap();
+        assert!(max_abs_diff(&want, &base) > 1e-3, "{name}: the adapter changes the logits");
+        assert!(max_abs_diff(&got, &want) <= 1e-5, "{name}: {}", max_abs_diff(&got, &want));
+        // Under a name in a registry, like a PEFT directory.
+        let mut set = AdapterSet::default();
+        set.load(&lora::combine::AdapterSpec::parse(&format!("g={}", path.display())).unwrap(), &model).unwrap();
+        assert!(max_abs_diff(&model.forward(&batch(), &set).unwrap(), &want) <= 1e-5);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    // What is not an adapter for this base is refused, naming why.
+    let (llama_model, _) = llama();
+    let e = lora::load(smollm2(), &llama_model).unwrap_err().to_string();
+    assert!(e.contains("general.type is \"model\"") || e.contains("not a GGUF adapter"), "{e}");
+    let qwen = DecoderModel::from_hf_dir(&fixture("tiny-qwen2/model")).unwrap();
+    let q = lora::peft::load(&fixture("tiny-qwen2/peft_adapter"), &qwen).unwrap();
+    let dir = tmpdir("gguf-load-wrong");
+    std::fs::write(dir.join("q.gguf"), lora::gguf::to_gguf(&q, &qwen.config).unwrap()).unwrap();
+    let e = lora::load(&dir.join("q.gguf"), &llama_model).unwrap_err().to_string();
+    assert!(e.contains("architecture \"qwen2\"") && e.contains("\"llama\""), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -202,7 +240,7 @@ fn sampling_is_deterministic_under_a_seed() {
             stop_ids: vec![],
             stop_strings: vec![],
         };
-        generate(&p.model, &NoAdapter, &p.tokenizer, &[prompt.clone(), prompt.clone()], &params, None).unwrap()
+        generate(&p.model, &p.tokenizer, &[prompt.clone(), prompt.clone()], None, &params, None).unwrap()
     };
     let (a, b, c) = (run(1), run(1), run(2));
     assert_eq!(a, b);
@@ -216,7 +254,7 @@ fn sampling_is_deterministic_under_a_seed() {
         stop_strings: vec!["Paris".into()],
     };
     let q = p.tokenizer.encode("<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n", false).unwrap();
-    let out = generate(&p.model, &NoAdapter, &p.tokenizer, &[q], &params, None).unwrap();
+    let out = generate(&p.model, &p.tokenizer, &[q], None, &params, None).unwrap();
     let text = p.tokenizer.decode(&out[0], true).unwrap();
     assert!(!text.contains("Paris") && text.len() < 40, "{text:?}");
 }
@@ -268,7 +306,7 @@ fn peft_trained_smollm2_adapter_gives_peft_loss() {
     let (seqs, _) = lowrank::data::make_sequences(&examples, 512, false).unwrap();
     let eos = p.tokenizer.eos_id.unwrap();
     for (ad, key) in [(&adapter as &dyn lowrank::model::adapt::LowRankSource, "peft_eval_loss"), (&NoAdapter, "base_eval_loss")] {
-        let got = lowrank::train::trainer::evaluate(&p.model, ad, &seqs, 8, eos).unwrap().mean();
+        let got = lowrank::train::eval::evaluate(&p.model, ad, &seqs, 8, eos).unwrap().mean();
         let want = reference[key].as_f64().unwrap();
         assert!((got - want).abs() <= 1e-4 * want, "{key}: lowrank {got} vs PEFT {want}");
     }
@@ -290,7 +328,7 @@ fn inspect_describes_models_and_adapters() {
     assert!(report.contains("GGUF v3 model") && report.contains("llama.block_count = 30") && report.contains("Q4_1"), "{report}");
     let dir = tmpdir("inspect");
     let (model, adapter) = llama();
-    std::fs::write(dir.join("a.gguf"), lora::gguf_export::to_gguf(&adapter, &model.config).unwrap()).unwrap();
+    std::fs::write(dir.join("a.gguf"), lora::gguf::to_gguf(&adapter, &model.config).unwrap()).unwrap();
     let report = lowrank::inspect::inspect(&dir.join("a.gguf")).unwrap();
     assert!(report.contains("GGUF v3 adapter") && report.contains("adapter.lora.alpha = 8"), "{report}");
     assert!(lowrank::inspect::inspect(&dir.join("missing")).is_err());

@@ -476,7 +476,7 @@ fn adapter_dir(c: &Corpus, rng: &mut Rng, cli: bool) -> anyhow::Result<()> {
         cli_ok(&["inspect", d.to_str().unwrap()]);
     }
     let a = lowrank::lora::peft::load(&d, &c.hf_model)?;
-    let _ = lowrank::lora::gguf_export::to_gguf(&a, &c.hf_model.config);
+    let _ = lowrank::lora::gguf::to_gguf(&a, &c.hf_model.config);
     let combo = lowrank::lora::combine::Combination::Cat;
     let _ = lowrank::lora::combine::add_weighted(&c.hf_model, &[(&a, 0.5), (&a, -1.0)], combo);
     run_model(&c.hf_model, &a)

@@ -279,12 +279,20 @@ fn adapter_configs_are_type_checked_and_ranks_bounded() {
         &["train", "--model", s(&model), "--data", s(&data), "--output", s(&out), "--rank", "1000"],
         &["exceeds the module's dimensions"],
     );
-    // A GGUF adapter where a PEFT directory is expected is named as such.
+    // A GGUF adapter loads like its PEFT directory; a GGUF model given as an adapter is named as such.
     std::fs::write(&config, &original).unwrap();
     let gguf_adapter = dir.join("adapter.gguf");
     let (code, _, err) = run_cli(&["export-gguf", "--model", s(&model), "--adapter", s(&good), "--output", s(&gguf_adapter)], 60);
     assert_eq!(code, 0, "{err}");
-    refuses(&["generate", "--model", s(&model), "--adapter", s(&gguf_adapter), "--prompt", "hi"], &["is a GGUF adapter", "PEFT director"]);
+    let generate_with = |adapter: &Path| {
+        run_cli(&["generate", "--model", s(&model), "--adapter", s(adapter), "--prompt", "hi", "--max-new-tokens", "4"], 60)
+    };
+    let (from_dir, from_gguf) = (generate_with(&good), generate_with(&gguf_adapter));
+    assert_eq!(from_dir.0, 0, "{}", from_dir.2);
+    assert_eq!(from_gguf, from_dir);
+    let not_adapter = dir.join("model.gguf");
+    TinyGguf::get().write(&not_adapter);
+    refuses(&["generate", "--model", s(&model), "--adapter", s(&not_adapter), "--prompt", "hi"], &["not a GGUF adapter"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -91,7 +91,7 @@ fn loss_falls_and_the_saved_adapter_reloads_to_the_same_eval_loss() {
     let p = smollm2_model();
     let adapter = lowrank::lora::peft::load(&cfg.output.join("adapter"), &p.model).unwrap();
     let data = trainer::prepare_data(&cfg, p).unwrap();
-    let e = trainer::evaluate(&p.model, &adapter, &data.eval, 4, p.tokenizer.eos_id.unwrap()).unwrap();
+    let e = lowrank::train::eval::evaluate(&p.model, &adapter, &data.eval, 4, p.tokenizer.eos_id.unwrap()).unwrap();
     assert!((e.mean() - s.final_eval_loss.unwrap()).abs() < 1e-9, "{} vs {:?}", e.mean(), s.final_eval_loss);
     assert!(cfg.output.join("loss.png").metadata().unwrap().len() > 1000);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -110,8 +110,10 @@ fn training_on_a_q4_1_base_trains_the_adapter() {
     let p = smollm2_model();
     let adapter = lowrank::lora::peft::load(&cfg.output.join("adapter"), &p.model).unwrap();
     let data = trainer::prepare_data(&cfg, p).unwrap();
-    let on_f32 = trainer::evaluate(&p.model, &adapter, &data.eval, 4, p.tokenizer.eos_id.unwrap()).unwrap().mean();
-    let base = trainer::evaluate(&p.model, &lowrank::model::adapt::NoAdapter, &data.eval, 4, p.tokenizer.eos_id.unwrap()).unwrap().mean();
+    let on_f32 = lowrank::train::eval::evaluate(&p.model, &adapter, &data.eval, 4, p.tokenizer.eos_id.unwrap()).unwrap().mean();
+    let base = lowrank::train::eval::evaluate(&p.model, &lowrank::model::adapt::NoAdapter, &data.eval, 4, p.tokenizer.eos_id.unwrap())
+        .unwrap()
+        .mean();
     let q4 = s.final_eval_loss.unwrap();
     assert!(on_f32 < 0.7 * base && (on_f32 - q4).abs() < 0.1 * q4, "eval loss: base {base}, adapter on f32 {on_f32}, on q4_1 {q4}");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -9,8 +9,8 @@ the adapter matters), and dumps what the Rust tests compare against:
   tests/fixtures/<name>/expected.safetensors    batch, logits, loss, LoRA grads, weights after 3 steps
   tests/fixtures/<name>/meta.json               optimizer/schedule settings and library versions
 
-Run with the reference venv (../shared/tools/setup_peft_env.sh):
-  .peft/venv/bin/python tools/make_fixtures.py [--out tests/fixtures]
+Run with the reference venv (scripts/setup_reference.sh):
+  .venv-reference/bin/python tools/make_fixtures.py [--out tests/fixtures]
 CI never runs this; the outputs are committed.
 """
 import argparse

@@ -8,10 +8,10 @@
    upstream-equivalent Hugging Face tokenizer gives for strings (digits, non-ASCII text, rendered
    chat templates), and logits of 3 prompts (last position, first 4096 vocabulary entries, plus the
    argmax at every position) from transformers on the HF directory that
-   ../shared/tools/setup_peft_env.sh builds from the same GGUF.
+   scripts/setup_reference.sh builds from the same GGUF (tools/convert_smollm2_to_hf.py).
 
 Run with the reference venv:
-  .peft/venv/bin/python tools/make_gguf_reference.py --hf-dir .peft/models/smollm2-135m-hf
+  .venv-reference/bin/python tools/make_gguf_reference.py --hf-dir .venv-reference/models/smollm2-135m-hf
 """
 import argparse
 import json
@@ -115,7 +115,7 @@ def smollm2_fixture(hf_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hf-dir", required=True, help="HF directory from setup_peft_env.sh (smollm2-135m-hf)")
+    ap.add_argument("--hf-dir", required=True, help="HF directory from scripts/setup_reference.sh (models/smollm2-135m-hf)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     quant_fixture()

@@ -9,7 +9,7 @@ The Rust test loads that adapter on the GGUF base and must reproduce the loss.
 --check DIR: loads a lowrank-saved adapter DIR in PEFT and prints PEFT's loss on the same texts (to
 compare with `lowrank eval --model <gguf> --adapter DIR --data <texts.jsonl> --format text`).
 
-  .peft/venv/bin/python tools/make_peft_interop.py --hf-dir .peft/models/smollm2-135m-hf [--check DIR]
+  .venv-reference/bin/python tools/make_peft_interop.py --hf-dir .venv-reference/models/smollm2-135m-hf [--check DIR]
 """
 import argparse
 import json

@@ -18,7 +18,7 @@ llama.cpp's convert_hf_to_gguf.py does for a Llama/Mistral `tokenizer.model`:
    token; SentencePiece and llama.cpp do).
 
 Run with the reference venv:
-  .peft/venv/bin/python tools/make_spm_reference.py
+  .venv-reference/bin/python tools/make_spm_reference.py   (scripts/setup_reference.sh makes it)
 """
 import json
 import os

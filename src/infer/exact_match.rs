@@ -3,7 +3,7 @@
 
 use super::{generate, GenerateParams, SamplingParams};
 use crate::data::{ChatTemplate, Record};
-use crate::model::adapt::LowRankSource;
+use crate::model::adapt::SharedAdapter;
 use crate::pretrained::Pretrained;
 use anyhow::{bail, Result};
 
@@ -41,7 +41,7 @@ pub fn prompt_and_answer(record: &Record, template: Option<&ChatTemplate>) -> Re
 
 pub fn exact_match(
     p: &Pretrained,
-    ad: &dyn LowRankSource,
+    adapter: Option<(SharedAdapter, f32)>,
     records: &[Record],
     batch_size: usize,
     max_new_tokens: usize,
@@ -55,7 +55,7 @@ pub fn exact_match(
         // Chat renders carry their own special tokens; plain prompts get what plain text gets.
         let special = !matches!(chunk[0], Record::Messages(_));
         let prompts: Vec<Vec<u32>> = pairs.iter().map(|(pr, _)| t.encode(pr, special)).collect::<Result<_>>()?;
-        let outs = generate(&p.model, ad, t, &prompts, &params, None)?;
+        let outs = generate(&p.model, t, &prompts, adapter.clone(), &params, None)?;
         for ((prompt, want), got) in pairs.into_iter().zip(outs) {
             let got = t.decode(&got, true)?;
             result.total += 1;

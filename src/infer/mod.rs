@@ -1,11 +1,14 @@
-//! Generation with a KV cache: greedy or sampled (temperature, top-k, top-p, repetition
-//! penalty, seed), stop tokens and stop strings, several prompts at once (left-padded).
+//! Generation: sampling (greedy, temperature, top-k, top-p, repetition penalty, seed), stop
+//! tokens and stop strings, and the engine that runs many sequences at once (`batch`).
 
+pub mod batch;
+pub mod chat;
 pub mod exact_match;
 pub mod session;
 
-use crate::model::adapt::LowRankSource;
-use crate::model::decoder::{SeqCache, SeqStep};
+pub use crate::model::adapt::SharedAdapter;
+pub use batch::{FinishReason, Finished, Generation, Request, RunningBatch, StopHandle, Token};
+
 use crate::model::DecoderModel;
 use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
@@ -100,95 +103,45 @@ pub fn sample(logits: &mut [f32], history: &[u32], p: &SamplingParams, rng: &mut
     cand.last().unwrap().0
 }
 
-/// Generates continuations of `prompts` (token ids) together. Returns each row's new tokens,
-/// without the stop token and cut before a stop string. `on_text` receives each row's newly
-/// decoded text as it grows (for streaming).
+/// Generates continuations of `prompts` (token ids) together, all with `adapter` (`None`: the
+/// base). Returns each row's new tokens, without the stop token and cut before a stop string.
+/// `on_text` receives each row's newly final text as it grows (for streaming). Each row samples
+/// from its own generator seeded with `params.sampling.seed`, so a row's output does not depend
+/// on the rows beside it.
 pub fn generate(
     model: &DecoderModel,
-    ad: &dyn LowRankSource,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
+    adapter: Option<(SharedAdapter, f32)>,
     params: &GenerateParams,
     mut on_text: Option<TextSink>,
 ) -> Result<Vec<Vec<u32>>> {
-    if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+    if prompts.is_empty() {
         bail!("generation needs a non-empty prompt");
     }
-    let b = prompts.len();
-    let plen = prompts.iter().map(Vec::len).max().unwrap();
-    params.sampling.validate()?;
-    crate::limits::check_count("max-new-tokens", params.max_new_tokens, 1, model.config.max_position_embeddings)?;
-    if params.stop_strings.iter().any(String::is_empty) {
-        bail!("a stop string must not be empty (it would stop generation at once)");
+    // All caches at once, so a batch the machine cannot hold is refused before any work.
+    let bytes: u128 = prompts.iter().map(|p| model.kv_bytes(p.len().saturating_add(params.max_new_tokens))).sum();
+    crate::limits::ensure_memory(bytes, &format!("the KV caches of {} prompts", prompts.len()))?;
+    let mut batch = RunningBatch::new(model, tok);
+    let mut ids = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        ids.push(batch.add(Request { prompt: p.clone(), params: params.clone(), adapter: adapter.clone() })?);
     }
-    let capacity = plen.saturating_add(params.max_new_tokens);
-    if capacity > model.config.max_position_embeddings {
-        bail!(
-            "prompt of {plen} tokens + {} new tokens exceeds the model's context of {}",
-            params.max_new_tokens,
-            model.config.max_position_embeddings
-        );
-    }
-    // One cache per prompt, sized by that prompt and the new tokens; a finished row frees its own.
-    let bytes: u128 = prompts.iter().map(|p| model.kv_bytes(p.len() + params.max_new_tokens)).sum();
-    crate::limits::ensure_memory(bytes, &format!("the KV caches of {b} prompts"))?;
-    let mut caches: Vec<Option<SeqCache>> =
-        prompts.iter().map(|p| model.new_seq_cache(p.len() + params.max_new_tokens).map(Some)).collect::<Result<_>>()?;
-    let v = model.config.vocab_size;
-    let mut rng = Rng::new(params.sampling.seed);
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut shown = vec![0usize; b];
-    // Rows still generating, and the tokens each adds in the next step (first its prompt).
-    let mut active: Vec<usize> = (0..b).collect();
-    let mut next: Vec<Vec<u32>> = prompts.to_vec();
-    for _ in 0..params.max_new_tokens {
-        let mut steps: Vec<SeqStep> = Vec::with_capacity(active.len());
-        for (r, cache) in caches.iter_mut().enumerate() {
-            if let Some(cache) = cache {
-                steps.push(SeqStep { cache, tokens: &next[r], adapter: Some((ad, 1.0)) });
-            }
-        }
-        let mut logits = model.step(&mut steps)?;
-        drop(steps);
-        let mut still = Vec::with_capacity(active.len());
-        for (i, &r) in active.iter().enumerate() {
-            let history: Vec<u32> = prompts[r].iter().chain(&out[r]).copied().collect();
-            let t = sample(&mut logits[i * v..(i + 1) * v], &history, &params.sampling, &mut rng);
-            let mut done = params.stop_ids.contains(&t);
-            if !done {
-                out[r].push(t);
-            }
-            if !done && (!params.stop_strings.is_empty() || on_text.is_some()) {
-                let text = tok.decode(&out[r], true)?;
-                if let Some(cut) = params.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
-                    // Drop tokens until the text no longer reaches the stop string.
-                    while !out[r].is_empty() && tok.decode(&out[r], true)?.len() > cut {
-                        out[r].pop();
-                    }
-                    done = true;
-                }
-                if let Some(f) = on_text.as_deref_mut() {
-                    let text = tok.decode(&out[r], true)?;
-                    // Hold back a trailing partial UTF-8 character.
-                    if text.len() > shown[r] && !text.ends_with('\u{FFFD}') {
-                        f(r, &text[shown[r]..]);
-                        shown[r] = text.len();
-                    }
+    let mut out: Vec<Option<Vec<u32>>> = vec![None; prompts.len()];
+    while !batch.is_empty() {
+        for e in batch.step()? {
+            let row = ids.iter().position(|&id| id == e.id).expect("an event of a sequence this call added");
+            if let Some(f) = on_text.as_deref_mut() {
+                if !e.text.is_empty() {
+                    f(row, &e.text);
                 }
             }
-            if done {
-                caches[r] = None;
-            } else {
-                next[r] = vec![t];
-                still.push(r);
+            if let Some(done) = e.finished {
+                out[row] = Some(done.tokens);
             }
         }
-        active = still;
-        if active.is_empty() {
-            break;
-        }
     }
-    Ok(out)
+    Ok(out.into_iter().map(|o| o.expect("every sequence finishes before the batch empties")).collect())
 }
 
 #[cfg(test)]

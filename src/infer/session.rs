@@ -1,11 +1,12 @@
 //! An inference session: a base model with several adapters, one active at a time, applied
 //! unmerged (switching is free) or merged into the weights (zero overhead per token).
 
-use crate::lora::combine::{merge, unmerge, AdapterSet};
-use crate::model::adapt::{LowRankSource, NoAdapter};
+use super::SharedAdapter;
+use crate::lora::combine::{merge, unmerge, AdapterSet, AdapterSpec};
 use crate::model::DecoderModel;
+use crate::model::WeightFormat;
 use crate::pretrained::Pretrained;
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 pub struct Session {
     pub base: Pretrained,
@@ -20,6 +21,21 @@ impl Session {
         let mut s = Session { base, adapters, merged_mode, merged: None };
         s.sync_merge()?;
         Ok(s)
+    }
+
+    /// Loads the model at `model` (its weights kept as `weights`) and the adapters `specs`
+    /// name (`[NAME=]PATH[@SCALE]`; the first starts active), merged into the weights or not.
+    pub fn load(model: &std::path::Path, weights: WeightFormat, specs: &[String], merged: bool) -> Result<Self> {
+        if merged && specs.is_empty() {
+            bail!("--merged needs an --adapter to merge");
+        }
+        let specs: Vec<AdapterSpec> = specs.iter().map(|s| AdapterSpec::parse(s)).collect::<Result<_>>()?;
+        let base = Pretrained::load_as(model, weights)?;
+        let mut set = AdapterSet::default();
+        for spec in &specs {
+            set.load(spec, &base.model)?;
+        }
+        Session::new(base, set, merged)
     }
 
     fn sync_merge(&mut self) -> Result<()> {
@@ -47,12 +63,13 @@ impl Session {
         &self.base.model
     }
 
-    /// What the forward pass applies on top of the (possibly merged) weights.
-    pub fn source(&self) -> &dyn LowRankSource {
+    /// What generation applies on top of the (possibly merged) weights: the active adapter
+    /// with its scale, or nothing.
+    pub fn adapter(&self) -> Option<(SharedAdapter, f32)> {
         if self.merged_mode {
-            &NoAdapter
+            None
         } else {
-            &self.adapters
+            self.adapters.active_adapter()
         }
     }
 }

@@ -6,10 +6,11 @@ use super::adapter::LoraAdapter;
 use super::config::TargetModules;
 use crate::kernels::matmul;
 use crate::model::{
-    adapt::{LowRank, LowRankSource, ModuleKind},
+    adapt::{LowRank, LowRankSource, ModuleKind, SharedAdapter},
     decoder::DecoderModel,
 };
 use anyhow::{bail, Result};
+use std::sync::Arc;
 
 /// An adapter as a command line or a request names it: `[NAME=]PATH[@SCALE]` (NAME defaults to
 /// "default", SCALE to 1; a path may contain `@` when what follows the last one is no number).
@@ -41,9 +42,10 @@ impl AdapterSpec {
 
 /// Adapters loaded side by side, unmerged, each under a name with its scale (the registry a
 /// front end keeps); `active` picks the one the model applies.
+/// Entries are shared: a running sequence that uses an adapter keeps it alive after `remove`.
 #[derive(Default)]
 pub struct AdapterSet {
-    pub entries: Vec<(String, LoraAdapter, f32)>,
+    pub entries: Vec<(String, Arc<LoraAdapter>, f32)>,
     pub active: Option<usize>,
 }
 
@@ -57,7 +59,7 @@ impl AdapterSet {
         if self.entries.iter().any(|e| e.0 == name) {
             bail!("an adapter named \"{name}\" is already loaded");
         }
-        self.entries.push((name.to_string(), adapter, scale));
+        self.entries.push((name.to_string(), Arc::new(adapter), scale));
         if self.active.is_none() {
             self.active = Some(self.entries.len() - 1);
         }
@@ -66,12 +68,12 @@ impl AdapterSet {
 
     /// Loads the PEFT adapter directory `spec` names, for `model`, under its name.
     pub fn load(&mut self, spec: &AdapterSpec, model: &DecoderModel) -> Result<()> {
-        let adapter = super::peft::load(&spec.path, model)?;
+        let adapter = super::load(&spec.path, model)?;
         self.add(&spec.name, adapter, spec.scale)
     }
 
     /// Unloads the adapter `name` (none is active afterwards if it was).
-    pub fn remove(&mut self, name: &str) -> Result<LoraAdapter> {
+    pub fn remove(&mut self, name: &str) -> Result<Arc<LoraAdapter>> {
         let Some(i) = self.entries.iter().position(|e| e.0 == name) else { bail!("no adapter named \"{name}\"") };
         self.active = match self.active {
             Some(a) if a == i => None,
@@ -99,6 +101,14 @@ impl AdapterSet {
 
     pub fn active_name(&self) -> Option<&str> {
         self.active.map(|i| self.entries[i].0.as_str())
+    }
+
+    /// The active adapter and its scale, for a generation request.
+    pub fn active_adapter(&self) -> Option<(SharedAdapter, f32)> {
+        self.active.map(|i| {
+            let (_, a, scale) = &self.entries[i];
+            (a.clone() as SharedAdapter, *scale)
+        })
     }
 }
 

@@ -38,18 +38,10 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
 /// Loads a PEFT adapter for `model`, checking every tensor's shape against the base model.
 pub fn load(dir: &Path, model: &DecoderModel) -> Result<LoraAdapter> {
     if std::fs::metadata(dir).is_ok_and(|m| m.is_file()) {
-        let gguf = std::fs::File::open(dir).ok().and_then(|mut f| {
-            let mut magic = [0u8; 4];
-            std::io::Read::read_exact(&mut f, &mut magic).ok().map(|_| &magic == b"GGUF")
-        });
-        if gguf == Some(true) {
-            bail!(
-                "{} is a GGUF adapter (llama.cpp's format); lowrank loads adapters from PEFT directories \
-                 (adapter_config.json + adapter_model.safetensors), such as the ones `lowrank train` writes",
-                dir.display()
-            );
-        }
-        bail!("{} is a file; an adapter is a PEFT directory (adapter_config.json + adapter_model.safetensors)", dir.display());
+        bail!(
+            "{} is a file; an adapter is a PEFT directory (adapter_config.json + adapter_model.safetensors) or a GGUF adapter",
+            dir.display()
+        );
     }
     crate::io::check_input_dir(dir, "adapter directory")?;
     let config = read_config(dir)?;

@@ -104,6 +104,10 @@ pub trait LowRankSource {
     fn lookup(&self, layer: usize, kind: ModuleKind) -> Option<LowRank<'_>>;
 }
 
+/// An adapter a running sequence holds on to: it stays alive until the sequence ends, even if
+/// its registry unloads it meanwhile.
+pub type SharedAdapter = std::sync::Arc<dyn LowRankSource + Send + Sync>;
+
 /// No adapter at all: the base model.
 pub struct NoAdapter;
 

@@ -503,32 +503,48 @@ impl GgufWriter {
     }
 }
 
+/// Per-layer modules: (Hugging Face path inside `model.layers.N`, llama.cpp's name in `blk.N`).
+const LAYER_NAMES: [(&str, &str); 9] = [
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// Tensors outside the layers: (Hugging Face name, llama.cpp name).
+const GLOBAL_NAMES: [(&str, &str); 3] =
+    [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
+
 /// llama.cpp's name for a Hugging Face decoder tensor (`model.layers.3.self_attn.q_proj.weight` →
 /// `blk.3.attn_q.weight`), or `None` for names outside the decoder layout.
 pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
+    if let Some((_, g)) = GLOBAL_NAMES.iter().find(|(h, _)| *h == hf) {
+        return Some(g.to_string());
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, module) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, suffix) = module.rsplit_once('.')?;
-    let g = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
+    let (_, g) = LAYER_NAMES.iter().find(|(h, _)| *h == module)?;
     Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// The Hugging Face name of a llama.cpp tensor name (the inverse of `hf_to_gguf_name`).
+pub fn gguf_to_hf_name(gguf: &str) -> Option<String> {
+    if let Some((h, _)) = GLOBAL_NAMES.iter().find(|(_, g)| *g == gguf) {
+        return Some(h.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, module) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = module.split_once('.')?;
+    let (h, _) = LAYER_NAMES.iter().find(|(_, g)| *g == module)?;
+    Some(format!("model.layers.{layer}.{h}.{suffix}"))
 }
 
 /// Decoder configuration from GGUF metadata (`general.architecture` llama, mistral or qwen2).

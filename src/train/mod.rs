@@ -2,6 +2,7 @@
 //! transformers exactly so loss curves compare with PEFT runs.
 
 pub mod checkpoint;
+pub mod eval;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

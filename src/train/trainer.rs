@@ -9,8 +9,7 @@ use super::schedule::Schedule;
 use crate::data::{make_sequences, read_jsonl, to_batch, Cursor, Encoder, Format, Loader, Record, Sequence, SequenceStats};
 use crate::kernels::loss::LossSum;
 use crate::lora::{self, LoraAdapter, LoraConfig, TargetModules};
-use crate::model::adapt::LowRankSource;
-use crate::model::{DecoderModel, WeightFormat};
+use crate::model::WeightFormat;
 use crate::pretrained::Pretrained;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
@@ -324,36 +323,6 @@ pub fn prepare_data(cfg: &TrainConfig, p: &Pretrained) -> Result<PreparedData> {
     Ok(PreparedData { train, eval, train_stats, skipped_lines: skipped })
 }
 
-/// The records of an eval data file and their sequences, masked and truncated as training does
-/// (the same read → render → encode → sequences pipeline as `prepare_data`).
-pub fn eval_data(
-    p: &Pretrained,
-    path: &Path,
-    format: Option<&str>,
-    train_on_inputs: bool,
-    seq_len: usize,
-) -> Result<(Vec<Record>, Vec<Sequence>)> {
-    crate::limits::check_count("seq-len", seq_len, 2, p.model.config.max_position_embeddings)?;
-    let format = format.map(Format::parse).transpose()?;
-    let (records, _) = read_jsonl(path, format, false)?;
-    let template = p.chat_template()?;
-    let enc = Encoder { tokenizer: &p.tokenizer, template: template.as_ref(), train_on_inputs, max_tokens: seq_len };
-    let (seqs, _) = make_sequences(&enc.encode_all(&records, path)?, seq_len, false)?;
-    Ok((records, seqs))
-}
-
-/// Mean loss over `seqs` under the same masking as training (no dropout).
-pub fn evaluate(model: &DecoderModel, ad: &dyn LowRankSource, seqs: &[Sequence], batch_size: usize, pad: u32) -> Result<LossSum> {
-    let mut total = LossSum::default();
-    for chunk in seqs.chunks(batch_size.max(1)) {
-        let (batch, targets) = to_batch(chunk, pad);
-        let l = model.loss(&batch, &targets, ad)?;
-        total.sum += l.sum;
-        total.count += l.count;
-    }
-    Ok(total)
-}
-
 /// Runs training as configured. `stop` is polled after every step: when set, a checkpoint is
 /// written and the run ends early (Ctrl-C).
 pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) -> Result<TrainSummary> {
@@ -500,7 +469,7 @@ pub fn train(cfg: &TrainConfig, progress: &mut dyn Progress, stop: &AtomicBool) 
         append_metric(&metrics_path, &m)?;
         let last = state.step == total_steps;
         if !data.eval.is_empty() && ((cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || last) {
-            let e = evaluate(&p.model, &adapter, &data.eval, cfg.batch_size, pad)?;
+            let e = super::eval::evaluate(&p.model, &adapter, &data.eval, cfg.batch_size, pad)?;
             let em = Metric {
                 step: state.step,
                 eval_loss: Some(e.mean()),
