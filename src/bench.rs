@@ -52,6 +52,8 @@ pub struct TrainBench<'a> {
     pub seq: usize,
     pub warmup: usize,
     pub steps: usize,
+    /// Also time the phases of each measured step (`crate::profile`).
+    pub profile: bool,
 }
 
 /// LoRA training throughput on fixed-length blocks of the corpus (labels = inputs).
@@ -96,18 +98,40 @@ pub fn train(p: &Pretrained, b: &TrainBench) -> Result<Value> {
     let mut rng = Rng::new(1);
     let mut times = Vec::new();
     let mut losses = Vec::new();
+    let mut faults = 0;
     for step in 0..b.warmup + b.steps {
         let (batch, targets) = to_batch(&blocks[step * b.batch..(step + 1) * b.batch], eos);
         let n = targets.iter().flatten().count() as f32;
+        let measured = step >= b.warmup;
+        crate::profile::set_enabled(b.profile && measured);
+        let faults_before = crate::profile::minor_faults();
         let t = Instant::now();
         grads.fill(0.0);
         let loss = p.model.loss_and_grads(&batch, &targets, &adapter, &mut grads, 1.0 / n, Some(&mut rng))?;
         opt.update(&mut adapter.params, &grads, 2e-4);
-        if step >= b.warmup {
+        if measured {
             times.push(t.elapsed().as_secs_f64());
+            faults += crate::profile::minor_faults() - faults_before;
         }
         losses.push(loss.mean());
     }
+    crate::profile::set_enabled(false);
+    // Seconds per measured step by phase; what the phases do not cover is copies, layout changes
+    // (token-major ↔ head-major) and allocation.
+    let phases = crate::profile::take();
+    let profile = b.profile.then(|| {
+        let mean_step = times.iter().sum::<f64>() / times.len() as f64;
+        let per_step: Vec<(&str, f64)> = phases.iter().map(|(p, s)| (p.name(), s / times.len() as f64)).collect();
+        let covered: f64 = per_step.iter().map(|x| x.1).sum();
+        let mut v = serde_json::Map::new();
+        for (name, s) in per_step {
+            v.insert(format!("{name}_s"), json!(s));
+        }
+        v.insert("other_s".into(), json!(mean_step - covered));
+        v.insert("step_s_mean".into(), json!(mean_step));
+        v.insert("minor_faults_per_step".into(), json!(faults as f64 / times.len() as f64));
+        Value::Object(v)
+    });
     let med = median(&mut times.clone());
     let tok_s = (b.batch * b.seq) as f64 / med;
     let flops = flops_per_token(&p.model, b.seq, adapter.num_params());
@@ -117,7 +141,7 @@ pub fn train(p: &Pretrained, b: &TrainBench) -> Result<Value> {
         "weights": p.model.layers[0].linear[0].w.format().name(), "steps": b.steps, "warmup": b.warmup, "threads": rayon::current_num_threads(),
         "params_lora": adapter.num_params(), "step_s_median": med, "tok_per_s_median": tok_s,
         "model_gflops_per_s": flops * tok_s / 1e9, "loss_first": losses[0], "loss_last": losses[losses.len() - 1],
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(), "profile": profile,
     }))
 }
 

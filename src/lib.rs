@@ -15,6 +15,7 @@ pub mod limits;
 pub mod lora;
 pub mod model;
 pub mod pretrained;
+pub mod profile;
 pub mod rng;
 pub mod train;
 

@@ -196,6 +196,10 @@ enum BenchCommand {
         /// Base weights as f32, bf16, q8_0 or q4_1.
         #[arg(long, default_value = "f32", value_parser = WeightFormat::parse)]
         weights: WeightFormat,
+        /// Time each phase of a step (frozen and LoRA GEMMs, attention, norms/RoPE/SwiGLU, LM
+        /// head, optimizer, the rest) and count page faults.
+        #[arg(long)]
+        profile: bool,
     },
     /// Decode and prefill tokens/s: base, unmerged adapter, merged adapter.
     Decode {
@@ -532,10 +536,11 @@ fn cmd_bench(c: BenchCommand) -> Result<()> {
             threads,
             gradient_checkpointing,
             weights,
+            profile,
         } => in_pool(threads, || {
             let mut p = Pretrained::load_as(&model, weights)?;
             p.model.gradient_checkpointing = gradient_checkpointing;
-            let b = lowrank::bench::TrainBench { corpus: &corpus, targets, r, alpha, dropout, batch, seq, warmup, steps };
+            let b = lowrank::bench::TrainBench { corpus: &corpus, targets, r, alpha, dropout, batch, seq, warmup, steps, profile };
             Ok(vec![lowrank::bench::train(&p, &b)?])
         })?,
         BenchCommand::Decode { model, adapter, new_tokens, prefill, threads, weights } => in_pool(threads, || {

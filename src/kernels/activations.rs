@@ -10,6 +10,7 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let _timer = crate::profile::time(crate::profile::Phase::Elementwise);
     assert_eq!(gate.len(), up.len());
     assert_eq!(gate.len(), out.len());
     out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).zip(up.par_chunks(CHUNK)).for_each(|((o, g), u)| {
@@ -23,6 +24,7 @@ pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// these are the largest buffers of a training step); `dup` is overwritten with dL/dup.
 /// silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
 pub fn swiglu_backward(gate: &[f32], up: &[f32], d: &mut [f32], dup: &mut [f32]) {
+    let _timer = crate::profile::time(crate::profile::Phase::Elementwise);
     assert_eq!(gate.len(), d.len());
     d.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(
         |((d, du), (g, u))| {

@@ -69,6 +69,7 @@ fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 /// `out = softmax(q·kᵀ·scale + mask)·v` per head; `lse` receives each row's log-sum-exp
 /// (−∞ for a row that sees no key, whose output is zero).
 pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
+    let _timer = crate::profile::time(crate::profile::Phase::Attention);
     if s.q_len >= GEMM_MIN_QUERIES {
         forward_gemm(q, k, v, key_mask, s, out, lse)
     } else {
@@ -145,6 +146,7 @@ pub fn attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
+    let _timer = crate::profile::time(crate::profile::Phase::Attention);
     if s.q_len >= GEMM_MIN_QUERIES {
         backward_gemm(q, k, v, key_mask, s, out, lse, dout, dq, dk, dv)
     } else {

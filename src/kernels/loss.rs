@@ -109,6 +109,7 @@ pub fn lm_head_cross_entropy(
     grad_scale: f32,
     mut dx: Option<&mut [f32]>,
 ) -> LossSum {
+    let _timer = crate::profile::time(crate::profile::Phase::LmHead);
     let mut head = Head::new(w, vocab, dim);
     assert_eq!(x.len(), targets.len() * dim);
     let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r].is_some()).collect();

@@ -4,6 +4,7 @@ use rayon::prelude::*;
 
 /// Normalizes each row of `x` (`[rows, dim]`) into `y`, storing 1/rms per row in `rstd` for backward.
 pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut [f32]) {
+    let _timer = crate::profile::time(crate::profile::Phase::Elementwise);
     let dim = w.len();
     assert_eq!(x.len(), y.len());
     assert_eq!(x.len(), rstd.len() * dim);
@@ -19,6 +20,7 @@ pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut
 
 /// y = w ⊙ x · rstd with the per-row `rstd` a forward pass stored (recomputes its output).
 pub fn rmsnorm_apply(x: &[f32], w: &[f32], rstd: &[f32], y: &mut [f32]) {
+    let _timer = crate::profile::time(crate::profile::Phase::Elementwise);
     let dim = w.len();
     y.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(rstd.par_iter()).for_each(|((yr, xr), &r)| {
         for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
@@ -30,6 +32,7 @@ pub fn rmsnorm_apply(x: &[f32], w: &[f32], rstd: &[f32], y: &mut [f32]) {
 /// Adds dL/dx to `dx` given dL/dy. The weight is frozen, so no weight gradient is formed.
 /// With g = w ⊙ dy: dx = r·g − x·r³·mean(g ⊙ x).
 pub fn rmsnorm_backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut [f32]) {
+    let _timer = crate::profile::time(crate::profile::Phase::Elementwise);
     let dim = w.len();
     assert_eq!(dy.len(), x.len());
     assert_eq!(dx.len(), x.len());

@@ -87,6 +87,7 @@ pub struct HeadLayout {
 
 /// Token-major `x` → head-major `out`, rotating each head vector when `angles` is given.
 pub fn to_heads(x: &[f32], out: &mut [f32], l: HeadLayout, angles: Option<&RopeAngles>) {
+    let _timer = crate::profile::time(crate::profile::Phase::Elementwise);
     let HeadLayout { seq, heads, head_dim: hd, .. } = l;
     assert_eq!(x.len(), l.batch * seq * heads * hd);
     assert_eq!(out.len(), x.len());
@@ -115,6 +116,7 @@ pub fn to_heads(x: &[f32], out: &mut [f32], l: HeadLayout, angles: Option<&RopeA
 /// Head-major `x` → token-major `out`; with `angles`, applies the transpose of the rotation, which
 /// is the backward of `to_heads` (and also its exact inverse).
 pub fn from_heads(x: &[f32], out: &mut [f32], l: HeadLayout, angles: Option<&RopeAngles>) {
+    let _timer = crate::profile::time(crate::profile::Phase::Elementwise);
     let HeadLayout { seq, heads, head_dim: hd, .. } = l;
     assert_eq!(x.len(), l.batch * seq * heads * hd);
     assert_eq!(out.len(), x.len());

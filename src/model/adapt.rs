@@ -147,6 +147,7 @@ pub(crate) fn linear_forward(
 ) -> Option<LowRankActs> {
     lin.forward(x, rows, y);
     let lr = lr?;
+    let _timer = crate::profile::time(crate::profile::Phase::LoraGemm);
     let keep = match rng {
         Some(rng) if lr.dropout > 0.0 => Some(DropoutMask::sample(rng, x.len(), lr.dropout)),
         _ => None,
@@ -186,6 +187,7 @@ pub(crate) fn linear_backward(
     let (Some(lr), Some(acts)) = (lr, acts) else {
         return;
     };
+    let _timer = crate::profile::time(crate::profile::Phase::LoraGemm);
     let r = lr.r;
     let (ga, rest) = grads[lr.grad_offset..].split_at_mut(r * inf);
     let gb = &mut rest[..outf * r];

@@ -231,11 +231,13 @@ impl FrozenMatrix {
 
     /// `y[m × rows] = x[m × cols] · Wᵀ` for many rows (prefill, training).
     pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        let _timer = crate::profile::time(crate::profile::Phase::FrozenGemm);
         self.with_dense(|w| w.forward(y, x, m, self.rows, self.cols))
     }
 
     /// `dx[m × cols] (+)= dy[m × rows] · W`: the input gradient of `y = x · Wᵀ`.
     pub fn matmul_back(&self, dy: &[f32], m: usize, dx: &mut [f32], accumulate: bool) {
+        let _timer = crate::profile::time(crate::profile::Phase::FrozenGemm);
         self.with_dense(|w| w.backward(dx, dy, m, self.rows, self.cols, accumulate))
     }
 

@@ -20,6 +20,7 @@ impl AdamW {
 
     /// One update of `params` with gradient `grads` at learning rate `lr`.
     pub fn update(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
+        let _timer = crate::profile::time(crate::profile::Phase::Optimizer);
         assert_eq!(params.len(), grads.len());
         assert_eq!(params.len(), self.m.len());
         self.step += 1;
@@ -44,6 +45,7 @@ impl AdamW {
 /// Scales `grads` so their global L2 norm is at most `max_norm`; returns the norm before
 /// clipping. Like PyTorch, the factor is max_norm / (norm + 1e-6), capped at 1.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
+    let _timer = crate::profile::time(crate::profile::Phase::Optimizer);
     let norm = grads.iter().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt();
     let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
     if coef < 1.0 {
