@@ -17,6 +17,48 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Instant;
 
+/// Llama shapes for random-weight benchmarks at the sizes users train: name, hidden size,
+/// layers, heads, KV heads, intermediate size, vocabulary.
+pub const RANDOM_SHAPES: [(&str, [usize; 6]); 2] =
+    [("tinyllama-1.1b", [2048, 22, 32, 4, 5632, 49152]), ("llama3-8b", [4096, 32, 32, 8, 14336, 128256])];
+
+/// Weights drawn from N(0, 0.02²) (norms 1), the initializer transformers uses for Llama, each
+/// tensor from its own stream of the seed, generated in parallel blocks as it is asked for.
+struct RandomWeights {
+    seed: u64,
+}
+
+impl crate::model::weights::WeightSource for RandomWeights {
+    fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
+        let n: usize = shape.iter().product();
+        if name.ends_with("norm.weight") {
+            return Ok(vec![1.0; n]);
+        }
+        let stream = name.bytes().fold(self.seed ^ 0x9E37_79B9_7F4A_7C15, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3));
+        let mut v = vec![0.0f32; n];
+        v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, block)| {
+            let mut rng = Rng::new(stream.wrapping_add(i as u64));
+            block.iter_mut().for_each(|x| *x = 0.02 * rng.normal());
+        });
+        Ok(v)
+    }
+}
+
+/// A random-weight Llama of one of `RANDOM_SHAPES`, its frozen weights stored in `format` as they
+/// are made (an 8B model on a Q4_1 base never exists in f32).
+pub fn random_model(shape: &str, format: crate::model::WeightFormat, seed: u64) -> Result<DecoderModel> {
+    let Some((_, [d, layers, heads, kv, inter, vocab])) = RANDOM_SHAPES.iter().find(|(n, _)| *n == shape) else {
+        bail!("unknown shape {shape:?}; known: {}", RANDOM_SHAPES.map(|s| s.0).join(", "));
+    };
+    let config = crate::model::config::DecoderConfig::from_json(&json!({
+        "model_type": "llama", "hidden_size": d, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "intermediate_size": inter, "vocab_size": vocab, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": false,
+    }))?;
+    DecoderModel::from_weights(config, &RandomWeights { seed }, format)
+}
+
 /// Peak resident set size of this process so far (VmHWM), in MiB.
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")

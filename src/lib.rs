@@ -17,6 +17,7 @@ pub mod model;
 pub mod pretrained;
 pub mod profile;
 pub mod rng;
+pub mod serve;
 pub mod train;
 
 pub use lora::{LoraAdapter, LoraConfig, TargetModules};

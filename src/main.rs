@@ -51,6 +51,8 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// Serve the model and its adapters behind an OpenAI-compatible HTTP API.
+    Serve(Box<lowrank::serve::ServeConfig>),
     /// Describe a model or adapter (HF directory, PEFT directory or GGUF file).
     Inspect { path: PathBuf },
 }
@@ -196,6 +198,10 @@ enum BenchCommand {
         /// Base weights as f32, bf16, q8_0 or q4_1.
         #[arg(long, default_value = "f32", value_parser = WeightFormat::parse)]
         weights: WeightFormat,
+        /// Train a random-weight Llama of this shape instead (tinyllama-1.1b or llama3-8b; --model
+        /// still gives the tokenizer), its weights made directly in --weights' format.
+        #[arg(long)]
+        random_shape: Option<String>,
         /// Time each phase of a step (frozen and LoRA GEMMs, attention, norms/RoPE/SwiGLU, LM
         /// head, optimizer, the rest) and count page faults.
         #[arg(long)]
@@ -537,8 +543,12 @@ fn cmd_bench(c: BenchCommand) -> Result<()> {
             gradient_checkpointing,
             weights,
             profile,
+            random_shape,
         } => in_pool(threads, || {
             let mut p = Pretrained::load_as(&model, weights)?;
+            if let Some(shape) = &random_shape {
+                p.model = lowrank::bench::random_model(shape, weights, 0)?;
+            }
             p.model.gradient_checkpointing = gradient_checkpointing;
             let b = lowrank::bench::TrainBench { corpus: &corpus, targets, r, alpha, dropout, batch, seq, warmup, steps, profile };
             Ok(vec![lowrank::bench::train(&p, &b)?])
@@ -574,6 +584,7 @@ fn main() {
         Command::ExportGguf(a) => cmd_export_gguf(a),
         Command::Combine(a) => cmd_combine(a),
         Command::Bench { command } => cmd_bench(command),
+        Command::Serve(c) => lowrank::serve::run(*c),
         Command::Inspect { path } => lowrank::inspect::inspect(&path).map(|r| print!("{r}")),
     };
     if let Err(e) = result {

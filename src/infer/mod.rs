@@ -7,7 +7,7 @@ pub mod exact_match;
 pub mod session;
 
 pub use crate::model::adapt::SharedAdapter;
-pub use batch::{FinishReason, Finished, Generation, Request, RunningBatch, StopHandle, Token};
+pub use batch::{FinishReason, Finished, Generation, Request, RunningBatch, SeqId, StopHandle, Token};
 
 use crate::model::DecoderModel;
 use crate::rng::Rng;

@@ -7,8 +7,10 @@ use super::gemv::{self, Row};
 use super::matmul::DenseWeight;
 use rayon::prelude::*;
 
-/// Rows of logits computed at once (chunk × vocab floats of scratch).
-const CHUNK_ROWS: usize = 64;
+/// Bytes of logits computed at once: as many rows as fit (at least 64, at most 512). Every chunk
+/// passes over the whole head twice (logits, then dL/dx), so wider chunks repack and reread the
+/// head less often: 256 rows instead of 64 cut SmolLM2's head time by about a sixth (bf16, AMX).
+const CHUNK_BYTES: usize = 48 << 20;
 
 /// Vocabulary rows of a compact head expanded to f32 at a time: the head is never whole in f32.
 const VOCAB_BLOCK: usize = 4096;
@@ -114,10 +116,11 @@ pub fn lm_head_cross_entropy(
     assert_eq!(x.len(), targets.len() * dim);
     let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r].is_some()).collect();
     let mut total = LossSum { sum: 0.0, count: rows.len() };
-    let mut xs = vec![0.0f32; CHUNK_ROWS.min(rows.len()) * dim];
-    let mut logits = vec![0.0f32; CHUNK_ROWS.min(rows.len()) * vocab];
+    let chunk_rows = (CHUNK_BYTES / (4 * vocab.max(1))).clamp(64, 512);
+    let mut xs = vec![0.0f32; chunk_rows.min(rows.len()) * dim];
+    let mut logits = vec![0.0f32; chunk_rows.min(rows.len()) * vocab];
     let mut dxs = vec![0.0f32; xs.len()];
-    for chunk in rows.chunks(CHUNK_ROWS) {
+    for chunk in rows.chunks(chunk_rows) {
         let c = chunk.len();
         for (i, &r) in chunk.iter().enumerate() {
             xs[i * dim..(i + 1) * dim].copy_from_slice(&x[r * dim..(r + 1) * dim]);
