@@ -241,6 +241,24 @@ enum BenchCommand {
         #[arg(long, default_value = "f32", value_parser = WeightFormat::parse)]
         weights: WeightFormat,
     },
+    /// Load test of `lowrank serve` over loopback: C streaming clients over K adapters.
+    Serve {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "q8_0", value_parser = WeightFormat::parse)]
+        weights: WeightFormat,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Distinct adapters the requests are spread over (0: the base model).
+        #[arg(long, default_value_t = 16)]
+        adapters: usize,
+        #[arg(long, default_value_t = 64)]
+        requests: usize,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// f32 GEMM GFLOP/s.
     Gemm {
         #[arg(long, allow_negative_numbers = true, default_value_t = 2048)]
@@ -562,6 +580,10 @@ fn cmd_bench(c: BenchCommand) -> Result<()> {
             let p = Pretrained::load_as(&model, weights)?;
             Ok(vec![lowrank::bench::multi_adapter(&p, rows, r, prefill, steps)?])
         })?,
+        BenchCommand::Serve { model, weights, clients, adapters, requests, max_tokens, threads } => {
+            let b = lowrank::serve::load::LoadBench { model, weights, clients, adapters, requests, max_tokens, threads };
+            vec![lowrank::serve::load::run(&b)?]
+        }
         BenchCommand::Gemm { n, repeats, threads } => in_pool(threads, || Ok(vec![lowrank::bench::gemm(n, repeats)?]))?,
     };
     for r in results {

@@ -233,12 +233,72 @@ mod avx512 {
         _mm512_reduce_add_ps(acc)
     }
 
+    /// The 4×4 dot products of four f32 weight rows with four vectors: each chunk of a weight
+    /// row and of a vector is loaded once for four multiply-adds.
+    #[inline(always)]
+    unsafe fn dot4x4(w: [&[f32]; 4], x: [&[f32]; 4]) -> [[f32; 4]; 4] {
+        let n = w[0].len();
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut p = 0;
+        let mut step = |mask: __mmask16, p: usize| {
+            let wv = w.map(|r| _mm512_maskz_loadu_ps(mask, r.as_ptr().add(p)));
+            let xv = x.map(|r| _mm512_maskz_loadu_ps(mask, r.as_ptr().add(p)));
+            for a in 0..4 {
+                for b in 0..4 {
+                    acc[a][b] = _mm512_fmadd_ps(wv[a], xv[b], acc[a][b]);
+                }
+            }
+        };
+        while p + 16 <= n {
+            step(u16::MAX, p);
+            p += 16;
+        }
+        if p < n {
+            step(((1u32 << (n - p)) - 1) as u16, p);
+        }
+        acc.map(|row| row.map(|a| _mm512_reduce_add_ps(a)))
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
     pub unsafe fn gemv(w: Row, cols: usize, first: usize, x: &[f32], m: usize, out: &mut [f32]) {
-        for (jj, o) in out.chunks_exact_mut(m).enumerate() {
-            let row = w.row(first + jj, cols);
-            for (i, v) in o.iter_mut().enumerate() {
-                *v = dot(row, &x[i * cols..(i + 1) * cols]);
+        let rows = out.len() / m;
+        if m < 4 || rows % 4 != 0 {
+            // Few vectors: read the stored format straight into each dot product.
+            for (jj, o) in out.chunks_exact_mut(m).enumerate() {
+                let row = w.row(first + jj, cols);
+                for (i, v) in o.iter_mut().enumerate() {
+                    *v = dot(row, &x[i * cols..(i + 1) * cols]);
+                }
+            }
+            return;
+        }
+        // Several vectors (a decode step over several sequences): four weight rows at a time
+        // expanded to f32 once, then multiplied with the vectors four by four.
+        let mut buf = vec![0.0f32; 4 * cols];
+        let xs: Vec<&[f32]> = x.chunks_exact(cols).collect();
+        for j in (0..rows).step_by(4) {
+            let block: [&[f32]; 4] = match w {
+                Row::F32(all) => std::array::from_fn(|k| &all[(first + j + k) * cols..(first + j + k + 1) * cols]),
+                compact => {
+                    for (k, dst) in buf.chunks_exact_mut(cols).enumerate() {
+                        super::dequantize_portable(compact.row(first + j + k, cols), dst);
+                    }
+                    let b: &[f32] = &buf;
+                    std::array::from_fn(|k| &b[k * cols..(k + 1) * cols])
+                }
+            };
+            let mut i = 0;
+            while i + 4 <= m {
+                let d = dot4x4(block, [xs[i], xs[i + 1], xs[i + 2], xs[i + 3]]);
+                for (k, dk) in d.iter().enumerate() {
+                    out[(j + k) * m + i..(j + k) * m + i + 4].copy_from_slice(dk);
+                }
+                i += 4;
+            }
+            for i in i..m {
+                for (k, row) in block.iter().enumerate() {
+                    out[(j + k) * m + i] = dot(Row::F32(row), xs[i]);
+                }
             }
         }
     }

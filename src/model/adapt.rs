@@ -83,8 +83,11 @@ pub(crate) fn project(w: &FrozenMatrix, x: &[f32], rows: usize, y: &mut [f32]) {
     }
 }
 
-/// Up to this many rows a product with a frozen matrix is a matrix-vector product.
-const DECODE_ROWS: usize = 4;
+/// Up to this many rows a product with a frozen matrix reads the stored weights once per call
+/// without expanding the whole matrix (a decode step of up to this many sequences); a GEMM
+/// beyond. Measured on SmolLM2 Q8_0 (`lowrank bench serve`, 16 clients): 118.6 generated
+/// tokens/s against 51.8 through the GEMM path, which expands each matrix to f32 per call.
+const DECODE_ROWS: usize = 32;
 
 /// One low-rank update attached to a linear module, as the forward and backward passes see it:
 /// y += scale·(drop(x)·Aᵀ)·Bᵀ with A `[r, in]` and B `[out, r]`. Its gradient lives in a flat buffer

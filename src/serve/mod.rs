@@ -7,6 +7,7 @@
 //! and runs every model step, on a rayon pool of `--threads`.
 
 pub mod api;
+pub mod load;
 pub mod metrics;
 pub mod scheduler;
 
