@@ -378,3 +378,24 @@ fn sigterm_lets_a_running_stream_finish_and_exits_0() {
     assert!(status.success(), "{status}");
     assert!(TcpStream::connect(addr).is_err(), "nothing listens any more");
 }
+
+/// With room for one resident adapter, requests alternating between two evict and read them
+/// again, and each answer is still that adapter's.
+#[test]
+fn evicted_adapters_are_read_again_on_demand() {
+    let dir = common::tmpdir("serve-lru");
+    let (a, b) = (adapter_dir(&dir, "a", 1), adapter_dir(&dir, "b", 2));
+    let mut c = config(&[("alpha", &a), ("beta", &b)]);
+    c.max_loras = 1;
+    let h = start(c);
+    let (want_a, want_b) = (alone(Some(&a), "Name a color.", 6), alone(Some(&b), "Name a color.", 6));
+    assert_ne!(want_a, want_b);
+    for model in ["alpha", "beta", "alpha", "beta"] {
+        let (status, _, v) = post(h.addr, "/v1/chat/completions", &chat(model, "Name a color.", 6));
+        assert_eq!(status, 200, "{v}");
+        let want = if model == "alpha" { &want_a } else { &want_b };
+        assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap(), want, "{model}");
+    }
+    h.shutdown().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

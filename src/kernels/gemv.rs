@@ -262,7 +262,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
     pub unsafe fn gemv(w: Row, cols: usize, first: usize, x: &[f32], m: usize, out: &mut [f32]) {
         let rows = out.len() / m;
-        if m < 4 || rows % 4 != 0 {
+        if m < 4 || !rows.is_multiple_of(4) {
             // Few vectors: read the stored format straight into each dot product.
             for (jj, o) in out.chunks_exact_mut(m).enumerate() {
                 let row = w.row(first + jj, cols);

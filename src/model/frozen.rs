@@ -75,9 +75,12 @@ thread_local! {
     static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Matrices above this many values get a temporary buffer instead of the kept scratch (the
-/// embedding matrix, when it is the LM head: keeping 100+ MB around would defeat compact weights).
-const SCRATCH_MAX: usize = 8 << 20;
+/// Matrices above this many values get a temporary buffer instead of the kept scratch. 64M
+/// values hold the largest linear layer of an 8B Llama (14336 × 4096): with 8M, each of its
+/// products got a fresh mapping and a page fault per 4 KiB (21M faults in one training step).
+/// Training reads the LM head in vocabulary blocks, never whole; only `forward`'s full logits
+/// expand a compact head whole (and, below this size, keep the copy for the next call).
+const SCRATCH_MAX: usize = 64 << 20;
 
 impl FrozenMatrix {
     /// Stores `w` (`[rows × cols]`) in `format`. Block formats need `cols` divisible by 32; other
