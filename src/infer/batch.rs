@@ -95,12 +95,6 @@ impl Running {
     fn output(&self) -> &[u32] {
         &self.history[self.prompt_len..]
     }
-
-    /// The tokens this step feeds: the next chunk of the prompt, or the last sampled token.
-    fn pending(&self, chunk: usize) -> &[u32] {
-        let end = (self.fed + chunk).min(self.history.len());
-        &self.history[self.fed..end]
-    }
 }
 
 pub struct RunningBatch<'m> {
@@ -186,11 +180,13 @@ impl<'m> RunningBatch<'m> {
             return Ok(Vec::new());
         }
         let chunk = self.prefill_chunk.max(1);
-        let fed: Vec<usize> = self.running.iter().map(|r| r.pending(chunk).len()).collect();
+        // Each sequence feeds the next chunk of its prompt, or its last sampled token.
+        let mut fed = Vec::with_capacity(self.running.len());
         let mut logits = {
             let mut steps: Vec<SeqStep> = Vec::with_capacity(self.running.len());
             for r in self.running.iter_mut() {
                 let end = (r.fed + chunk).min(r.history.len());
+                fed.push(end - r.fed);
                 let adapter = r.adapter.as_ref().map(|(a, s)| (a.as_ref() as &dyn LowRankSource, *s));
                 steps.push(SeqStep { cache: &mut r.cache, tokens: &r.history[r.fed..end], adapter });
             }

@@ -58,13 +58,6 @@ pub fn to_gguf(adapter: &LoraAdapter, base: &DecoderConfig) -> Result<Vec<u8>> {
     Ok(w.to_bytes())
 }
 
-/// Whether the file at `path` starts with GGUF's magic.
-pub fn is_gguf_file(path: &Path) -> bool {
-    let Ok(mut f) = std::fs::File::open(path) else { return false };
-    let mut magic = [0u8; 4];
-    std::io::Read::read_exact(&mut f, &mut magic).is_ok() && &magic == b"GGUF"
-}
-
 /// Reads a llama.cpp LoRA adapter (as `convert_lora_to_gguf.py` or `to_gguf` write it) for
 /// `model`. Its scale is llama.cpp's: alpha / r per module (r from the tensors; no alpha means
 /// scale 1). Every tensor must be a `blk.N.<module>.weight.lora_a|lora_b` pair of a module the

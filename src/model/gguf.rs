@@ -11,6 +11,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 4] = b"GGUF";
+
+/// Whether the file at `path` starts with GGUF's magic (false when it cannot be read).
+pub fn is_gguf_file(path: &Path) -> bool {
+    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    let mut magic = [0u8; 4];
+    std::io::Read::read_exact(&mut f, &mut magic).is_ok() && &magic == MAGIC
+}
 const DEFAULT_ALIGNMENT: usize = 32;
 
 #[derive(Clone, Debug, PartialEq)]

@@ -108,13 +108,18 @@ fn content_text(v: &Value, param: &str) -> Result<String, ApiError> {
     }
 }
 
+/// A request body as JSON, or 400 naming the body.
+pub fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request("body", format!("the body is not valid JSON: {e}")))
+}
+
 /// Most stop strings a request may give (OpenAI's limit).
 pub const MAX_STOP: usize = 4;
 
 /// Parses a request body of `/v1/chat/completions` (`chat`) or `/v1/completions`. Unknown fields
 /// are ignored, as OpenAI-compatible servers do.
 pub fn parse_completion(body: &[u8], chat: bool, max_context: usize) -> Result<CompletionRequest, ApiError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request("body", format!("the body is not valid JSON: {e}")))?;
+    let v = parse_json(body)?;
     if !v.is_object() {
         return Err(ApiError::bad_request("body", "the body must be a JSON object"));
     }

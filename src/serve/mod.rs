@@ -100,11 +100,7 @@ type St = State<Arc<AppState>>;
 
 impl AppState {
     fn send(&self, c: Command) -> Result<(), ApiError> {
-        self.commands
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(c)
-            .map_err(|_| ApiError::new(503, "server_error", "unavailable", "the model is not running"))
+        self.commands.lock().unwrap_or_else(|e| e.into_inner()).send(c).map_err(|_| not_running())
     }
 
     fn model(&self) -> Result<Arc<Pretrained>, ApiError> {
@@ -125,6 +121,11 @@ impl AppState {
             Err(ApiError::new(401, "invalid_request_error", "invalid_api_key", "missing or wrong API key (Authorization: Bearer KEY)"))
         }
     }
+}
+
+/// The scheduler thread has gone (it failed to load the model, or the server is stopping).
+fn not_running() -> ApiError {
+    ApiError::new(503, "server_error", "unavailable", "the model is not running")
 }
 
 fn error_response(e: &ApiError) -> Response {
@@ -344,8 +345,8 @@ fn stream(
                 finished = true;
             }
         }
-        let first = first && out.is_empty();
-        Some((futures_util::stream::iter(out.into_iter().map(Ok)), (rx, r, first, finished)))
+        // Only the stream's first chunk carries the role.
+        Some((futures_util::stream::iter(out.into_iter().map(Ok)), (rx, r, false, finished)))
     });
     Sse::new(futures_util::StreamExt::flatten(events)).keep_alive(KeepAlive::default())
 }
@@ -389,8 +390,7 @@ async fn load_lora(State(s): St, headers: HeaderMap, body: Result<Bytes, BytesRe
                 "loading adapters at run time is off; start the server with --adapter-dir DIR",
             ));
         };
-        let v: Value =
-            serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("body", format!("the body is not valid JSON: {e}")))?;
+        let v = api::parse_json(&body)?;
         let name = api::string_field(&v, "lora_name")?;
         let path = inside_adapter_dir(dir, &api::string_field(&v, "lora_path")?)?;
         if name == s.base_name || s.shared.adapters.read().unwrap_or_else(|e| e.into_inner()).contains_key(&name) {
@@ -404,7 +404,7 @@ async fn load_lora(State(s): St, headers: HeaderMap, body: Result<Bytes, BytesRe
             .map_err(|e| ApiError::new(500, "server_error", "load_failed", format!("{e}")))??;
         let (tx, rx) = tokio::sync::oneshot::channel();
         s.send(Command::Register { name: name.clone(), adapter: Arc::new(adapter), path, scale: 1.0, reply: tx })?;
-        rx.await.map_err(|_| ApiError::new(503, "server_error", "unavailable", "the model is not running"))??;
+        rx.await.map_err(|_| not_running())??;
         Ok((StatusCode::OK, format!("Success: LoRA adapter '{name}' added successfully.")).into_response())
     }
     .await;
@@ -415,12 +415,11 @@ async fn unload_lora(State(s): St, headers: HeaderMap, body: Result<Bytes, Bytes
     let r = async {
         s.authorize(&headers)?;
         let body = body.map_err(body_error)?;
-        let v: Value =
-            serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("body", format!("the body is not valid JSON: {e}")))?;
+        let v = api::parse_json(&body)?;
         let name = api::string_field(&v, "lora_name")?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         s.send(Command::Unload { name: name.clone(), reply: tx })?;
-        rx.await.map_err(|_| ApiError::new(503, "server_error", "unavailable", "the model is not running"))??;
+        rx.await.map_err(|_| not_running())??;
         Ok((StatusCode::OK, format!("Success: LoRA adapter '{name}' removed successfully.")).into_response())
     }
     .await;
@@ -548,9 +547,7 @@ pub fn spawn(config: ServeConfig, signals: bool) -> Result<ServerHandle> {
             let server = tokio::spawn(async move { server.await });
             stopped.notified().await;
             // Running requests finish within the grace period; then they are ended.
-            if tokio::time::timeout(SHUTDOWN_GRACE, server).await.is_err() {
-                let _ = state.send(Command::Stop);
-            }
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
             let _ = state.send(Command::Stop);
             Ok::<(), anyhow::Error>(())
         })

@@ -217,8 +217,7 @@ impl Scheduler<'_> {
             Command::Stop => {
                 self.stopping = true;
                 for id in self.live.keys().copied().collect::<Vec<_>>() {
-                    self.batch.cancel(id);
-                    self.finish(id);
+                    self.cancel(id);
                 }
                 for (job, _) in std::mem::take(&mut self.queue).into_iter().chain(std::mem::take(&mut self.parked)) {
                     self.fail(&job.reply, ApiError::new(503, "server_error", "shutting_down", "the server is shutting down"));
@@ -262,6 +261,13 @@ impl Scheduler<'_> {
             // Before the answer goes out, so a client that reads the metrics next sees it gone.
             self.shared.metrics.running.store(self.live.len() as u64, Ordering::Relaxed);
         }
+    }
+
+    /// Ends a running request now: its sequence leaves the batch (freeing its cache) and it is
+    /// answered for.
+    fn cancel(&mut self, id: SeqId) {
+        self.batch.cancel(id);
+        self.finish(id);
     }
 
     /// Moves queued requests into the running batch while there is room.
@@ -318,8 +324,7 @@ impl Scheduler<'_> {
         // Requests whose clients have gone are cancelled before the step.
         let gone: Vec<SeqId> = self.live.iter().filter(|(_, l)| l.reply.is_closed()).map(|(id, _)| *id).collect();
         for id in gone {
-            self.batch.cancel(id);
-            self.finish(id);
+            self.cancel(id);
         }
         if self.batch.is_empty() {
             return;
@@ -330,11 +335,10 @@ impl Scheduler<'_> {
             Err(e) => {
                 // A step that fails fails every request in it (none can go on without the others' step).
                 for id in self.live.keys().copied().collect::<Vec<_>>() {
-                    self.batch.cancel(id);
                     if let Some(l) = self.live.get(&id) {
                         let _ = l.reply.send(Chunk::Error(ApiError::new(500, "server_error", "step_failed", format!("{e:#}"))));
                     }
-                    self.finish(id);
+                    self.cancel(id);
                 }
                 return;
             }

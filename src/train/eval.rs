@@ -78,6 +78,13 @@ pub fn run(s: &EvalSettings) -> Result<EvalReport> {
     Ok(EvalReport { loss, examples: records.len(), exact_match })
 }
 
+/// Every record of a data file (no line skipped) and the model's chat template to render them.
+fn read_records(p: &Pretrained, path: &Path, format: Option<&str>) -> Result<(Vec<Record>, Option<crate::data::ChatTemplate>)> {
+    let format = format.map(Format::parse).transpose()?;
+    let (records, _) = read_jsonl(path, format, false)?;
+    Ok((records, p.chat_template()?))
+}
+
 fn encoder<'a>(p: &'a Pretrained, template: Option<&'a crate::data::ChatTemplate>, train_on_inputs: bool, seq_len: usize) -> Encoder<'a> {
     Encoder { tokenizer: &p.tokenizer, template, train_on_inputs, max_tokens: seq_len }
 }
@@ -92,9 +99,7 @@ pub fn eval_data(
     seq_len: usize,
 ) -> Result<(Vec<Record>, Vec<Sequence>)> {
     crate::limits::check_count("seq-len", seq_len, 2, p.model.config.max_position_embeddings)?;
-    let format = format.map(Format::parse).transpose()?;
-    let (records, _) = read_jsonl(path, format, false)?;
-    let template = p.chat_template()?;
+    let (records, template) = read_records(p, path, format)?;
     let enc = encoder(p, template.as_ref(), train_on_inputs, seq_len);
     let (seqs, _) = make_sequences(&enc.encode_all(&records, path)?, seq_len, false)?;
     Ok((records, seqs))
@@ -116,9 +121,7 @@ pub fn evaluate(model: &DecoderModel, ad: &dyn LowRankSource, seqs: &[Sequence],
 /// (label −100) in [brackets].
 pub fn preview(p: &Pretrained, path: &Path, format: Option<&str>, train_on_inputs: bool, seq_len: usize, limit: usize) -> Result<String> {
     crate::limits::check_count("--seq-len", seq_len, 1, p.model.config.max_position_embeddings)?;
-    let format = format.map(Format::parse).transpose()?;
-    let (records, _) = read_jsonl(path, format, false)?;
-    let template = p.chat_template()?;
+    let (records, template) = read_records(p, path, format)?;
     let enc = encoder(p, template.as_ref(), train_on_inputs, seq_len);
     let mut out = String::from("Tokens in [brackets] are masked (label -100); the rest train. '|' separates tokens.\n\n");
     for (i, r) in records.iter().take(limit).enumerate() {
