@@ -1,7 +1,8 @@
 //! Matrix products against bf16 weights on Intel AMX tiles (Sapphire Rapids and later): bf16
 //! inputs, f32 accumulation, 16×16×32 multiply-adds per instruction, so a product runs 3–4× faster
 //! than the best f32 GEMM on the same cores. The activations are rounded to bf16 on the way in,
-//! as in PyTorch's bf16 autocast; the weights already are bf16.
+//! as in PyTorch's bf16 autocast; the weights are bf16 as stored, or a Q8_0/Q4_1 weight
+//! dequantized and rounded to bf16 (`gemv::dequantize_bf16_parallel`).
 //!
 //! Shape of the computation: A (`[m × k]`, f32, converted to bf16 rows padded to whole tiles) times
 //! B (the weight, repacked per call into column panels of 16 in the VNNI layout the tile unit reads:
@@ -116,7 +117,7 @@ unsafe fn microkernel(a: *const u16, a_stride: usize, b0: *const u16, b1: *const
 
 /// f32 → bf16, rounding to nearest even (finite values; what `half::bf16::from_f32` gives them).
 #[inline(always)]
-fn to_bf16(x: f32) -> u16 {
+pub(crate) fn to_bf16(x: f32) -> u16 {
     let b = x.to_bits();
     (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }

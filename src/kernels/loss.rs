@@ -20,18 +20,20 @@ struct Head<'a> {
     w: Row<'a>,
     vocab: usize,
     dim: usize,
-    /// f32 copy of one vocabulary block, and the matching columns of the logits.
+    /// f32 (or, for AMX, bf16) copy of one vocabulary block, and the matching columns of the logits.
     block: Vec<f32>,
+    block_bf16: Vec<u16>,
     cols: Vec<f32>,
 }
 
 impl<'a> Head<'a> {
     fn new(w: Row<'a>, vocab: usize, dim: usize) -> Self {
-        Head { w, vocab, dim, block: Vec::new(), cols: Vec::new() }
+        Head { w, vocab, dim, block: Vec::new(), block_bf16: Vec::new(), cols: Vec::new() }
     }
 
-    /// Vocabulary blocks as (first row, rows, values): an f32 head whole, a bf16 head on a CPU
-    /// with AMX as stored, any other head expanded to f32 one block at a time.
+    /// Vocabulary blocks as (first row, rows, values): an f32 head whole; on a CPU with AMX, a
+    /// bf16 head as stored and a Q8_0/Q4_1 head dequantized to bf16 one block at a time; without
+    /// AMX, compact heads expanded to f32 one block at a time.
     fn for_each_block(&mut self, mut f: impl FnMut(usize, usize, DenseWeight, &mut Vec<f32>)) {
         let (w, dim) = (self.w, self.dim);
         if let Row::F32(all) = w {
@@ -41,6 +43,11 @@ impl<'a> Head<'a> {
             let n = VOCAB_BLOCK.min(self.vocab - v0);
             match w {
                 Row::Bf16(all) if amx::available() => f(v0, n, DenseWeight::Bf16(&all[v0 * dim..(v0 + n) * dim]), &mut self.cols),
+                _ if amx::available() => {
+                    self.block_bf16.resize(n * dim, 0);
+                    gemv::dequantize_bf16_parallel(w, dim, v0, &mut self.block_bf16);
+                    f(v0, n, DenseWeight::Bf16(&self.block_bf16), &mut self.cols);
+                }
                 _ => {
                     self.block.resize(n * dim, 0.0);
                     gemv::dequantize_parallel(w, dim, v0, &mut self.block);

@@ -1,8 +1,9 @@
 //! Frozen weight matrices, kept compact: f32, bf16, or 32-value blocks (Q8_0, Q4_1) as GGML
 //! quantizes them. Decoding multiplies the compact form directly (`gemv`); batched work (prefill,
 //! training) expands one matrix at a time into reused f32 scratch (`with_f32`), so a model in
-//! Q8_0 never holds more than one f32 matrix besides its activations. bf16 matrices on a CPU with
-//! AMX skip the expansion: their products run in bf16 on the tile unit (`kernels::amx`).
+//! Q8_0 never holds more than one f32 matrix besides its activations. On a CPU with AMX the
+//! products run in bf16 on the tile unit (`kernels::amx`): bf16 matrices as stored, Q8_0/Q4_1
+//! ones expanded into reused bf16 scratch instead of f32.
 
 use crate::kernels::amx;
 use crate::kernels::gemv::{self, Row, BLOCK};
@@ -73,6 +74,29 @@ pub struct FrozenMatrix {
 thread_local! {
     /// f32 copy of the last matrix `with_f32` expanded on this thread; reused to avoid page faults.
     static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// The same for the bf16 copies `with_dense` makes of Q8_0/Q4_1 matrices for AMX.
+    static SCRATCH_BF16: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on `n` values that `fill` writes into this thread's scratch buffer `cell` (taken, not
+/// borrowed: a nested call — rayon may run other work on this thread — just gets a buffer of its
+/// own). Above `SCRATCH_MAX` values the buffer is temporary.
+fn with_scratch<T: Copy + Default, R>(
+    cell: &'static std::thread::LocalKey<Cell<Vec<T>>>,
+    n: usize,
+    fill: impl FnOnce(&mut [T]),
+    f: impl FnOnce(&[T]) -> R,
+) -> R {
+    let mut buf = if n <= SCRATCH_MAX { cell.take() } else { Vec::new() };
+    if buf.len() < n {
+        buf.resize(n, T::default());
+    }
+    fill(&mut buf[..n]);
+    let result = f(&buf[..n]);
+    if n <= SCRATCH_MAX {
+        cell.set(buf);
+    }
+    result
 }
 
 /// Matrices above this many values get a temporary buffer instead of the kept scratch. 64M
@@ -208,26 +232,20 @@ impl FrozenMatrix {
         if let Data::F32(w) = &self.data {
             return f(w);
         }
-        let n = self.len();
-        // Taken, not borrowed: a nested call (rayon may run other work on this thread) just
-        // gets a buffer of its own.
-        let mut buf = if n <= SCRATCH_MAX { SCRATCH.take() } else { Vec::new() };
-        if buf.len() < n {
-            buf.resize(n, 0.0);
-        }
-        self.expand_into(&mut buf[..n]);
-        let result = f(&buf[..n]);
-        if n <= SCRATCH_MAX {
-            SCRATCH.set(buf);
-        }
-        result
+        with_scratch(&SCRATCH, self.len(), |buf| self.expand_into(buf), f)
     }
 
-    /// The matrix as the GEMMs take it: bf16 as stored where the CPU has AMX, anything else as
-    /// f32 (expanded into scratch when compact).
+    /// The matrix as the GEMMs take it. Where the CPU has AMX: bf16 as stored, and Q8_0/Q4_1
+    /// dequantized to bf16 in scratch (half the bytes of f32, and the products run on tiles, so a
+    /// quantized base trains at nearly bf16 speed); elsewhere f32 (expanded into scratch).
     fn with_dense<R>(&self, f: impl FnOnce(DenseWeight) -> R) -> R {
         match &self.data {
+            Data::F32(w) => f(DenseWeight::F32(w)),
             Data::Bf16(w) if amx::available() => f(DenseWeight::Bf16(w)),
+            Data::Q8_0 { .. } | Data::Q4_1 { .. } if amx::available() => {
+                let fill = |buf: &mut [u16]| gemv::dequantize_bf16_parallel(self.view(), self.cols, 0, buf);
+                with_scratch(&SCRATCH_BF16, self.len(), fill, |w| f(DenseWeight::Bf16(w)))
+            }
             _ => self.with_f32(|w| f(DenseWeight::F32(w))),
         }
     }
@@ -297,6 +315,34 @@ mod tests {
             fm.row_into(5, &mut row);
             assert_eq!(row, back[5 * cols..6 * cols]);
             fm.with_f32(|v| assert_eq!(v, &back[..]));
+        }
+    }
+
+    #[test]
+    fn batched_products_of_every_format_match_its_values_rounded_as_the_kernels_take_them() {
+        // With AMX, bf16 and the block formats multiply on tiles: the weights as bf16 (Q8_0/Q4_1
+        // dequantized, then rounded) and the activations rounded to bf16. Without AMX, compact
+        // weights are expanded to f32 exactly.
+        let mut rng = Rng::new(11);
+        let (rows, cols, m) = (70, 96, 37);
+        let w = randn(&mut rng, rows * cols, 1.0);
+        let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
+        for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8_0, WeightFormat::Q4_1] {
+            let fm = FrozenMatrix::new(rows, cols, w.clone(), format);
+            let tiles = amx::available() && format != WeightFormat::F32;
+            let values = if tiles { round(&fm.to_f32()) } else { fm.to_f32() };
+            let (x, dy) = (randn(&mut rng, m * cols, 1.0), randn(&mut rng, m * rows, 1.0));
+            let (xr, dyr) = if tiles { (round(&x), round(&dy)) } else { (x.clone(), dy.clone()) };
+            let mut y = vec![0.0; m * rows];
+            fm.matmul_t(&x, m, &mut y);
+            let mut want = vec![0.0; m * rows];
+            crate::kernels::matmul::matmul_naive(&mut want, &xr, false, &values, true, m, rows, cols, 1.0, false);
+            assert!(max_diff(&y, &want) < 1e-4, "{format:?} forward: {}", max_diff(&y, &want));
+            let mut dx = vec![1.0; m * cols];
+            fm.matmul_back(&dy, m, &mut dx, true);
+            let mut want = vec![1.0; m * cols];
+            crate::kernels::matmul::matmul_naive(&mut want, &dyr, false, &values, false, m, cols, rows, 1.0, true);
+            assert!(max_diff(&dx, &want) < 1e-4, "{format:?} backward: {}", max_diff(&dx, &want));
         }
     }
 
