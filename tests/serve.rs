@@ -1,7 +1,8 @@
 //! `lowrank serve` over real HTTP on 127.0.0.1: OpenAI's shapes streaming and not, concurrent
 //! requests on different adapters each equal to generating alone with that adapter, every error
 //! status, hot loading and unloading under a running stream, cancellation when a client goes,
-//! 429 on a full queue, and a graceful stop on SIGTERM.
+//! 429 on a full queue, 503 while the model loads or after it failed to, and a graceful stop on
+//! SIGTERM.
 
 mod common;
 
@@ -246,11 +247,44 @@ fn errors_have_openai_shapes_and_statuses() {
     }
     let (status, _, v) = call("/v1/chat/completions", &chat("nope", "hi", 2).to_string(), &auth);
     assert_eq!((status, v["error"]["code"].as_str(), v["error"]["param"].as_str()), (404, Some("model_not_found"), Some("model")));
+    // An input error names the field the input came from.
+    let long = format!(r#"{{"model":"smollm2","prompt":"{}"}}"#, "x ".repeat(9000));
+    let (status, _, v) = call("/v1/completions", &long, &auth);
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("prompt")), "{v}");
     let big = format!(r#"{{"model":"smollm2","prompt":"{}"}}"#, "x".repeat(5 << 20));
     assert_eq!(call("/v1/completions", &big, &auth).0, 413);
     // Loading is off without --adapter-dir.
     let (status, _, v) = call("/v1/load_lora_adapter", r#"{"lora_name":"x","lora_path":"/tmp"}"#, &auth);
     assert_eq!((status, v["error"]["code"].as_str()), (403, Some("loading_disabled")));
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn a_model_that_fails_to_load_gives_503_naming_why() {
+    let dir = common::tmpdir("serve-bad-model");
+    let bad = dir.join("broken.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00 not a model").unwrap();
+    let mut c = config(&[]);
+    c.model = bad;
+    // The server binds at once and loads on the scheduler thread: /health is 503 while loading
+    // and after a failure, and so is every model request.
+    let h = spawn(c, false).unwrap();
+    let t = Instant::now();
+    let failed = loop {
+        let (status, _, body) = http(h.addr, "GET", "/health", &[], "");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((status, v["error"]["code"].as_str()), (503, Some("model_loading")), "{v}");
+        let message = v["error"]["message"].as_str().unwrap().to_string();
+        if message.contains("failed to load") {
+            break message;
+        }
+        assert!(message.contains("still loading"), "{message}");
+        assert!(t.elapsed() < Duration::from_secs(60), "loading never failed");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(failed.contains("broken.gguf"), "{failed}");
+    let (status, _, v) = post(h.addr, "/v1/chat/completions", &chat("smollm2", "hi", 2));
+    assert_eq!(status, 503, "{v}");
     h.shutdown().unwrap();
 }
 

@@ -50,6 +50,16 @@ pub enum Input {
     Prompt(String),
 }
 
+impl Input {
+    /// The request field the input came from, for errors about it.
+    pub fn param(&self) -> &'static str {
+        match self {
+            Input::Messages(_) => "messages",
+            Input::Prompt(_) => "prompt",
+        }
+    }
+}
+
 /// Fields a value of the wrong type is named by.
 fn wrong(param: &str, want: &str) -> ApiError {
     ApiError::bad_request(param, format!("'{param}' must be {want}"))

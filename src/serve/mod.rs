@@ -215,7 +215,10 @@ async fn completion(s: &Arc<AppState>, headers: &HeaderMap, body: Result<Bytes, 
     let prompt = tokenize(&p, &req)?;
     let room = ctx.saturating_sub(prompt.len());
     if room == 0 {
-        return Err(ApiError::bad_request("messages", format!("the prompt has {} tokens; the model's context is {ctx}", prompt.len())));
+        return Err(ApiError::bad_request(
+            req.input.param(),
+            format!("the prompt has {} tokens; the model's context is {ctx}", prompt.len()),
+        ));
     }
     let max_tokens = match req.max_tokens {
         Some(n) if n > room => {
@@ -246,7 +249,7 @@ async fn completion(s: &Arc<AppState>, headers: &HeaderMap, body: Result<Bytes, 
         stop_strings: req.stop.clone(),
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    if let Err(e) = s.send(Command::Submit(Job { prompt: prompt.clone(), params, adapter, reply: tx })) {
+    if let Err(e) = s.send(Command::Submit(Job { prompt: prompt.clone(), params, adapter, input_param: req.input.param(), reply: tx })) {
         s.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         return Err(e);
     }
@@ -260,7 +263,7 @@ async fn completion(s: &Arc<AppState>, headers: &HeaderMap, body: Result<Bytes, 
 }
 
 fn tokenize(p: &Pretrained, req: &CompletionRequest) -> Result<Vec<u32>, ApiError> {
-    let internal = |e: anyhow::Error| ApiError::bad_request("messages", format!("{e:#}"));
+    let internal = |e: anyhow::Error| ApiError::bad_request(req.input.param(), format!("{e:#}"));
     let ids = match &req.input {
         Input::Messages(msgs) => {
             let template = p
@@ -274,7 +277,7 @@ fn tokenize(p: &Pretrained, req: &CompletionRequest) -> Result<Vec<u32>, ApiErro
         Input::Prompt(text) => p.tokenizer.encode(text, true).map_err(internal)?,
     };
     if ids.is_empty() {
-        return Err(ApiError::bad_request("prompt", "the prompt is empty"));
+        return Err(ApiError::bad_request(req.input.param(), "the prompt is empty"));
     }
     Ok(ids)
 }

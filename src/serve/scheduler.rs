@@ -38,6 +38,8 @@ pub struct Job {
     pub params: GenerateParams,
     /// An adapter's name, or `None` for the base model.
     pub adapter: Option<String>,
+    /// The request field the prompt came from ("messages" or "prompt"), for errors about it.
+    pub input_param: &'static str,
     pub reply: UnboundedSender<Chunk>,
 }
 
@@ -314,7 +316,7 @@ impl Scheduler<'_> {
                     self.shared.metrics.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
                     self.live.insert(id, Live { reply: job.reply, started: queued_at, first_token: false });
                 }
-                Err(e) => self.fail(&job.reply, ApiError::bad_request("messages", format!("{e:#}"))),
+                Err(e) => self.fail(&job.reply, ApiError::bad_request(job.input_param, format!("{e:#}"))),
             }
         }
     }
