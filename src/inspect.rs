@@ -61,7 +61,9 @@ pub fn inspect(path: &Path) -> Result<String> {
     let mut out = String::new();
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{} does not exist", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(crate::io::missing(e, format!("{} does not exist", path.display())))
+        }
         Err(e) => bail!("{}: {e}", path.display()),
     };
     if !meta.is_dir() && !meta.is_file() {

@@ -34,7 +34,7 @@ fn kind_of(m: &fs::Metadata) -> &'static str {
 pub fn open_input(path: &Path, what: &str) -> Result<File> {
     let m = match fs::metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{what} {} does not exist", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing(e, format!("{what} {} does not exist", path.display()))),
         Err(e) => return Err(e).with_context(|| format!("{what} {}", path.display())),
     };
     if !m.is_file() {
@@ -71,6 +71,12 @@ pub fn read_input_text(path: &Path, what: &str) -> Result<String> {
         .map_err(|e| anyhow::anyhow!("{what} {}: not UTF-8 text (byte {})", path.display(), e.utf8_error().valid_up_to()))
 }
 
+/// The error for a path that does not exist: `message`, with the `NotFound` I/O error kept as
+/// its cause so front ends can tell it apart (Python raises FileNotFoundError for it).
+pub fn missing(cause: std::io::Error, message: String) -> anyhow::Error {
+    anyhow::Error::new(cause).context(message)
+}
+
 /// Like `read_input_text`, but a missing file is `None`.
 pub fn read_optional_text(path: &Path, what: &str) -> Result<Option<String>> {
     match fs::symlink_metadata(path) {
@@ -84,7 +90,7 @@ pub fn check_input_dir(path: &Path, what: &str) -> Result<()> {
     match fs::metadata(path) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(m) => bail!("{what} {} is a {}, not a directory", path.display(), kind_of(&m)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{what} {} does not exist", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(missing(e, format!("{what} {} does not exist", path.display()))),
         Err(e) => Err(e).with_context(|| format!("{what} {}", path.display())),
     }
 }

@@ -21,6 +21,16 @@ pub mod serve;
 pub mod train;
 
 pub use lora::{LoraAdapter, LoraConfig, TargetModules};
+
+/// Runs `f` on a pool of `threads` worker threads (0: the global pool, one per core).
+pub fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+    limits::check_count("threads (0 = all cores)", threads, 0, limits::MAX_THREADS)?;
+    if threads == 0 {
+        return f();
+    }
+    use anyhow::Context;
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("starting the worker threads")?.install(f)
+}
 pub use model::{Batch, DecoderModel};
 pub mod tokenizer;
 

@@ -379,14 +379,6 @@ impl Progress for Bar {
 
 /// Runs `f` on a thread pool of `n` workers (0: rayon's default, one per core). The binary owns
 /// the pool; the library never configures a global one, so a host program decides its threads.
-fn in_pool<T: Send>(n: usize, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    lowrank::limits::check_count("threads (0 = all cores)", n, 0, lowrank::limits::MAX_THREADS)?;
-    if n == 0 {
-        return f();
-    }
-    rayon::ThreadPoolBuilder::new().num_threads(n).build().context("starting the worker threads")?.install(f)
-}
-
 fn load_adapter(p: &Pretrained, path: &Option<PathBuf>) -> Result<Option<LoraAdapter>> {
     path.as_ref().map(|a| lowrank::lora::load(a, &p.model)).transpose()
 }
@@ -410,7 +402,7 @@ fn cmd_train(args: TrainArgs, matches: &clap::ArgMatches) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let mut bar = Bar { bar: None, total: 0 };
-    let s = in_pool(cfg.threads, || trainer::train(&cfg, &mut bar, &STOP))?;
+    let s = lowrank::in_pool(cfg.threads, || trainer::train(&cfg, &mut bar, &STOP))?;
     println!(
         "{} {} steps in {:.1} s, {:.0} tokens/s; final loss {}{}",
         if s.interrupted { "stopped after" } else { "trained" },
@@ -562,7 +554,7 @@ fn cmd_bench(c: BenchCommand) -> Result<()> {
             weights,
             profile,
             random_shape,
-        } => in_pool(threads, || {
+        } => lowrank::in_pool(threads, || {
             let mut p = Pretrained::load_as(&model, weights)?;
             if let Some(shape) = &random_shape {
                 p.model = lowrank::bench::random_model(shape, weights, 0)?;
@@ -571,12 +563,12 @@ fn cmd_bench(c: BenchCommand) -> Result<()> {
             let b = lowrank::bench::TrainBench { corpus: &corpus, targets, r, alpha, dropout, batch, seq, warmup, steps, profile };
             Ok(vec![lowrank::bench::train(&p, &b)?])
         })?,
-        BenchCommand::Decode { model, adapter, new_tokens, prefill, threads, weights } => in_pool(threads, || {
+        BenchCommand::Decode { model, adapter, new_tokens, prefill, threads, weights } => lowrank::in_pool(threads, || {
             let mut p = Pretrained::load_as(&model, weights)?;
             let a = load_adapter(&p, &adapter)?;
             lowrank::bench::decode(&mut p, a.as_ref(), new_tokens, prefill)
         })?,
-        BenchCommand::Adapters { model, rows, r, prefill, steps, threads, weights } => in_pool(threads, || {
+        BenchCommand::Adapters { model, rows, r, prefill, steps, threads, weights } => lowrank::in_pool(threads, || {
             let p = Pretrained::load_as(&model, weights)?;
             Ok(vec![lowrank::bench::multi_adapter(&p, rows, r, prefill, steps)?])
         })?,
@@ -584,7 +576,7 @@ fn cmd_bench(c: BenchCommand) -> Result<()> {
             let b = lowrank::serve::load::LoadBench { model, weights, clients, adapters, requests, max_tokens, threads };
             vec![lowrank::serve::load::run(&b)?]
         }
-        BenchCommand::Gemm { n, repeats, threads } => in_pool(threads, || Ok(vec![lowrank::bench::gemm(n, repeats)?]))?,
+        BenchCommand::Gemm { n, repeats, threads } => lowrank::in_pool(threads, || Ok(vec![lowrank::bench::gemm(n, repeats)?]))?,
     };
     for r in results {
         println!("RESULT {r}");

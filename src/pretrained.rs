@@ -24,7 +24,9 @@ impl Pretrained {
     pub fn load_as(path: &Path, format: WeightFormat) -> Result<Self> {
         let meta = match std::fs::metadata(path) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("model path {} does not exist", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(crate::io::missing(e, format!("model path {} does not exist", path.display())))
+            }
             Err(e) => return Err(e).with_context(|| format!("model path {}", path.display())),
         };
         let (model, tokenizer) = if meta.is_dir() {

@@ -59,6 +59,26 @@ impl Session {
         self.sync_merge()
     }
 
+    /// Loads the adapter `spec` names into the set (it does not become active unless it is the
+    /// first); what is merged stays merged.
+    pub fn load_adapter(&mut self, spec: &AdapterSpec) -> Result<()> {
+        self.adapters.load(spec, &self.base.model)?;
+        self.sync_merge()
+    }
+
+    /// Folds the active adapter into the weights (`true`: zero overhead per token) or applies
+    /// it on the fly (`false`: switching is free). Unmerging subtracts exactly what merging
+    /// added, so the weights come back to within rounding of the base.
+    pub fn set_merged(&mut self, merged: bool) -> Result<()> {
+        self.merged_mode = merged;
+        self.sync_merge()
+    }
+
+    /// Whether the active adapter is folded into the weights.
+    pub fn is_merged(&self) -> bool {
+        self.merged.is_some()
+    }
+
     pub fn model(&self) -> &DecoderModel {
         &self.base.model
     }

@@ -98,11 +98,19 @@ pub fn eval_data(
     train_on_inputs: bool,
     seq_len: usize,
 ) -> Result<(Vec<Record>, Vec<Sequence>)> {
-    crate::limits::check_count("seq-len", seq_len, 2, p.model.config.max_position_embeddings)?;
-    let (records, template) = read_records(p, path, format)?;
-    let enc = encoder(p, template.as_ref(), train_on_inputs, seq_len);
-    let (seqs, _) = make_sequences(&enc.encode_all(&records, path)?, seq_len, false)?;
+    let format = format.map(Format::parse).transpose()?;
+    let (records, _) = read_jsonl(path, format, false)?;
+    let seqs = sequences(p, &records, path, train_on_inputs, seq_len)?;
     Ok((records, seqs))
+}
+
+/// `records` (from the file `origin`, which errors name) as sequences, rendered, masked and
+/// truncated as training does.
+pub fn sequences(p: &Pretrained, records: &[Record], origin: &Path, train_on_inputs: bool, seq_len: usize) -> Result<Vec<Sequence>> {
+    crate::limits::check_count("seq-len", seq_len, 2, p.model.config.max_position_embeddings)?;
+    let template = p.chat_template()?;
+    let enc = encoder(p, template.as_ref(), train_on_inputs, seq_len);
+    Ok(make_sequences(&enc.encode_all(records, origin)?, seq_len, false)?.0)
 }
 
 /// Mean loss over `seqs` under the same masking as training (no dropout).
@@ -117,30 +125,57 @@ pub fn evaluate(model: &DecoderModel, ad: &dyn LowRankSource, seqs: &[Sequence],
     Ok(total)
 }
 
-/// The first `limit` examples of a data file as text: each token, with those that do not train
-/// (label −100) in [brackets].
-pub fn preview(p: &Pretrained, path: &Path, format: Option<&str>, train_on_inputs: bool, seq_len: usize, limit: usize) -> Result<String> {
+/// One example as training sees it: its tokens' text and which of them train.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreviewExample {
+    pub tokens: Vec<String>,
+    /// Per token: whether it trains (never the first, which nothing predicts).
+    pub trained: Vec<bool>,
+    /// Tokens before truncation to the sequence length.
+    pub total_tokens: usize,
+}
+
+/// The first `limit` examples of a data file, tokenized and masked as training does.
+pub fn preview_examples(
+    p: &Pretrained,
+    path: &Path,
+    format: Option<&str>,
+    train_on_inputs: bool,
+    seq_len: usize,
+    limit: usize,
+) -> Result<Vec<PreviewExample>> {
     crate::limits::check_count("--seq-len", seq_len, 1, p.model.config.max_position_embeddings)?;
     let (records, template) = read_records(p, path, format)?;
     let enc = encoder(p, template.as_ref(), train_on_inputs, seq_len);
-    let mut out = String::from("Tokens in [brackets] are masked (label -100); the rest train. '|' separates tokens.\n\n");
+    let mut out = Vec::new();
     for (i, r) in records.iter().take(limit).enumerate() {
         let e = enc.encode(r).with_context(|| format!("{}: example {}", path.display(), i + 1))?;
         let n = e.ids.len().min(seq_len);
+        let tokens = (0..n).map(|k| p.tokenizer.decode(&e.ids[k..k + 1], false)).collect::<Result<_>>()?;
+        let trained = (0..n).map(|k| e.train[k] && k > 0).collect();
+        out.push(PreviewExample { tokens, trained, total_tokens: e.ids.len() });
+    }
+    Ok(out)
+}
+
+/// The first `limit` examples of a data file as text: each token, with those that do not train
+/// (label −100) in [brackets].
+pub fn preview(p: &Pretrained, path: &Path, format: Option<&str>, train_on_inputs: bool, seq_len: usize, limit: usize) -> Result<String> {
+    let mut out = String::from("Tokens in [brackets] are masked (label -100); the rest train. '|' separates tokens.\n\n");
+    for (i, e) in preview_examples(p, path, format, train_on_inputs, seq_len, limit)?.iter().enumerate() {
         let mut line = String::new();
-        for k in 0..n {
-            let piece = p.tokenizer.decode(&e.ids[k..k + 1], false)?.replace('\n', "\\n");
-            // The first token is never predicted, so it never trains.
-            if e.train[k] && k > 0 {
+        for (piece, &trained) in e.tokens.iter().zip(&e.trained) {
+            let piece = piece.replace('\n', "\\n");
+            if trained {
                 line.push_str(&piece);
             } else {
                 line.push_str(&format!("[{piece}]"));
             }
             line.push('|');
         }
-        let trained = e.train[..n].iter().skip(1).filter(|&&x| x).count();
-        let cut = if e.ids.len() > seq_len { format!(", truncated to {seq_len}") } else { String::new() };
-        out.push_str(&format!("example {}: {} tokens, {trained} trained{cut}\n{line}\n\n", i + 1, e.ids.len()));
+        let trained = e.trained.iter().filter(|&&x| x).count();
+        let cut = if e.total_tokens > seq_len { format!(", truncated to {seq_len}") } else { String::new() };
+        out.push_str(&format!("example {}: {} tokens, {trained} trained{cut}\n{line}\n\n", i + 1, e.total_tokens));
     }
     Ok(out)
 }

@@ -190,22 +190,32 @@ impl TrainConfig {
     /// override the file). Unknown keys and values of the wrong type are errors naming the key.
     pub fn with_file(self, toml_text: &str, path: &Path, on_command_line: &dyn Fn(&str) -> bool) -> Result<Self> {
         let table: toml::Table = toml::from_str(toml_text).with_context(|| format!("in {}", path.display()))?;
+        let mut values = serde_json::Map::new();
+        for (key, value) in table {
+            if !on_command_line(&key) {
+                values.insert(key, serde_json::to_value(&value)?);
+            }
+        }
+        self.with_settings(values, &format!("in {}", path.display()))
+    }
+
+    /// These settings with each of `values` (snake_case names, JSON values: a settings file, or
+    /// keyword arguments from Python) in place of the current one. Unknown keys and values of
+    /// the wrong type are errors that begin with `origin` and name the key.
+    pub fn with_settings(self, values: serde_json::Map<String, serde_json::Value>, origin: &str) -> Result<Self> {
         let mut settings = match serde_json::to_value(&self)? {
             serde_json::Value::Object(o) => o,
             _ => unreachable!("a struct serializes to an object"),
         };
-        for (key, value) in table {
+        for (key, value) in values {
             if !settings.contains_key(&key) {
                 let known: Vec<&str> = settings.keys().map(String::as_str).collect();
-                bail!("in {}: unknown setting \"{key}\" (settings: {})", path.display(), known.join(", "));
+                bail!("{origin}: unknown setting \"{key}\" (settings: {})", known.join(", "));
             }
-            if on_command_line(&key) {
-                continue;
-            }
-            settings.insert(key.clone(), serde_json::to_value(&value)?);
+            settings.insert(key.clone(), value);
             // Typed now, so that a wrong type names its key.
             serde_json::from_value::<TrainConfig>(serde_json::Value::Object(settings.clone()))
-                .map_err(|e| anyhow::anyhow!("in {}: setting \"{key}\": {e}", path.display()))?;
+                .map_err(|e| anyhow::anyhow!("{origin}: setting \"{key}\": {e}"))?;
         }
         Ok(serde_json::from_value(serde_json::Value::Object(settings))?)
     }
