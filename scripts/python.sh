@@ -14,7 +14,7 @@ if ! python3 -c "import venv, ensurepip" 2>/dev/null; then
     (apt-get update -qq && apt-get install -y -qq python3-venv) >/dev/null || sudo apt-get install -y -qq python3-venv >/dev/null
 fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "maturin>=1.5,<2" numpy pytest nbclient nbformat ipykernel matplotlib
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "maturin>=1.5,<2" numpy pytest nbclient nbformat ipykernel matplotlib openai
 rm -rf target/wheels
 RUSTFLAGS="-C target-cpu=x86-64-v3" CARGO_TARGET_DIR=target/python \
     "$venv/bin/maturin" build --quiet --release -m python/Cargo.toml --out target/wheels
