@@ -49,6 +49,21 @@ fn merged_logits_equal_unmerged_and_unmerge_restores_the_weights() {
 }
 
 #[test]
+fn a_merge_that_fails_part_way_leaves_the_weights_as_they_were() {
+    let (mut model, mut adapter) = llama();
+    let before: Vec<Vec<f32>> = model.layers.iter().flat_map(|l| l.linear.iter().map(|x| x.w.to_f32())).collect();
+    // The last module's B is so large that its merged weights overflow; the others merge first.
+    let last = adapter.modules.last().unwrap().clone();
+    let off = last.offset + last.a_len();
+    adapter.params[off..off + last.b_len()].fill(1e38);
+    let e = merge(&mut model, &adapter, 1.0).unwrap_err().to_string();
+    assert!(e.contains(&last.name) && e.contains("non-finite"), "{e}");
+    let after: Vec<Vec<f32>> = model.layers.iter().flat_map(|l| l.linear.iter().map(|x| x.w.to_f32())).collect();
+    let worst = before.iter().zip(&after).map(|(a, b)| max_abs_diff(a, b)).fold(0.0, f32::max);
+    assert!(worst <= 1e-6, "the failed merge left a weight off by {worst}");
+}
+
+#[test]
 fn switching_among_adapters_with_scales() {
     let (model, a) = llama();
     let b = other(&a);

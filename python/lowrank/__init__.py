@@ -38,7 +38,7 @@ def cpu_features() -> List[str]:
 
 class TextStream:
     """Text pieces of one generation as they are produced. Iterate it; `close()` (or dropping
-    it) stops the generation before its next token."""
+    it) stops the generation before its next step."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -125,7 +125,8 @@ class Model:
     def logits(self, texts: Union[str, Sequence[str]], adapter: Optional[str] = None) -> np.ndarray:
         """Next-token logits at every position: float32 `[tokens, vocab]` for one text, or
         `[texts, longest, vocab]` for a list (positions past a text's end are NaN). Texts are
-        tokenized with the tokenizer's special tokens, as ``tokenizer(text)`` does."""
+        tokenized with the tokenizer's special tokens, as ``tokenizer(text)`` does. The array is
+        read-only (it views the engine's buffer); ``.copy()`` it to edit it."""
         single = isinstance(texts, str)
         raw, shape = self._inner.logits([texts] if single else list(texts), adapter)
         out = np.frombuffer(raw, dtype="<f4").reshape(shape)
@@ -221,9 +222,13 @@ class _jsonl:
         if not isinstance(self.records, (list, tuple)) or not all(isinstance(r, dict) for r in self.records):
             raise TypeError(f"{self.what} must be a path or a list of dicts, not {type(self.records).__name__}")
         fd, self.tmp = tempfile.mkstemp(prefix="lowrank-", suffix=".jsonl")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in self.records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                for r in self.records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        except BaseException:
+            os.unlink(self.tmp)
+            raise
         return self.tmp
 
     def __exit__(self, *exc: Any) -> None:

@@ -9,7 +9,7 @@
 
 use lowrank::infer::chat::Conversation;
 use lowrank::infer::session::Session;
-use lowrank::infer::{GenerateParams, Generation, Request, SamplingParams, SharedAdapter};
+use lowrank::infer::{GenerateParams, Generation, Request, SamplingParams, SharedAdapter, StopHandle};
 use lowrank::lora::combine::AdapterSpec;
 use lowrank::model::adapt::{LowRank, LowRankSource, ModuleKind, NoAdapter};
 use lowrank::model::{Batch, WeightFormat};
@@ -18,7 +18,7 @@ use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyRu
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,9 @@ impl LowRankSource for Scaled<'_> {
 #[pyclass(module = "lowrank._lowrank", frozen)]
 struct Model {
     session: Arc<RwLock<Session>>,
+    /// Bumped by every change of the session, so a stream can tell whether its request still
+    /// describes the session it runs on.
+    version: Arc<AtomicU64>,
     #[pyo3(get)]
     path: String,
     #[pyo3(get)]
@@ -52,24 +55,35 @@ struct Model {
 }
 
 impl Model {
-    fn read(&self) -> RwLockReadGuard<'_, Session> {
-        self.session.read().unwrap_or_else(|e| e.into_inner())
+    /// The session for reading. Waits (with the GIL released, so a writer that needs the GIL
+    /// back can finish) while a change is under way.
+    fn read(&self, py: Python<'_>) -> RwLockReadGuard<'_, Session> {
+        loop {
+            match self.session.try_read() {
+                Ok(guard) => return guard,
+                Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => py.detach(|| std::thread::sleep(Duration::from_millis(1))),
+            }
+        }
     }
 
-    /// The session for a change. A text stream holds the session while it runs: wait a few
-    /// seconds for one that is ending, then refuse rather than hang.
+    /// The session for a change. Other calls and text streams hold the session while they run:
+    /// wait a few seconds for them (with the GIL released), then refuse rather than hang.
     fn write(&self, py: Python<'_>) -> PyResult<RwLockWriteGuard<'_, Session>> {
         let t = Instant::now();
         loop {
             match self.session.try_write() {
-                Ok(guard) => return Ok(guard),
+                Ok(guard) => {
+                    self.version.fetch_add(1, Ordering::SeqCst);
+                    return Ok(guard);
+                }
                 Err(std::sync::TryLockError::Poisoned(e)) => return Ok(e.into_inner()),
                 Err(std::sync::TryLockError::WouldBlock) if t.elapsed() < Duration::from_secs(5) => {
                     py.detach(|| std::thread::sleep(Duration::from_millis(10)))
                 }
                 Err(_) => {
                     return Err(PyRuntimeError::new_err(
-                        "a text stream of this model is still running; read it to the end or close() it first",
+                        "the model is in use by another call or a text stream; finish or close() the stream first",
                     ))
                 }
             }
@@ -155,7 +169,12 @@ impl Model {
     fn load(py: Python<'_>, path: PathBuf, weights: &str) -> PyResult<Self> {
         let format = WeightFormat::parse(weights).map_err(to_py)?;
         let session = py.detach(|| Session::load(&path, format, &[], false)).map_err(to_py)?;
-        Ok(Model { session: Arc::new(RwLock::new(session)), path: path.display().to_string(), weights: format.name().to_string() })
+        Ok(Model {
+            session: Arc::new(RwLock::new(session)),
+            version: Arc::new(AtomicU64::new(0)),
+            path: path.display().to_string(),
+            weights: format.name().to_string(),
+        })
     }
 
     /// The whole generated text.
@@ -174,7 +193,7 @@ impl Model {
         chat: bool,
         stop: Vec<String>,
     ) -> PyResult<String> {
-        let s = self.read();
+        let s = self.read(py);
         let request = Self::request(&s, prompt, adapter, max_new_tokens, temperature, top_p, top_k, seed, chat, stop)?;
         let done = py.detach(|| Generation::new(s.model(), &s.base.tokenizer, request)?.run(|_| {})).map_err(to_py)?;
         Ok(done.text)
@@ -185,6 +204,7 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
+        py: Python<'_>,
         prompt: &str,
         adapter: Option<&str>,
         max_new_tokens: usize,
@@ -195,26 +215,49 @@ impl Model {
         chat: bool,
         stop: Vec<String>,
     ) -> PyResult<TextStream> {
-        let request = Self::request(&self.read(), prompt, adapter, max_new_tokens, temperature, top_p, top_k, seed, chat, stop)?;
+        let (request, version) = {
+            let s = self.read(py);
+            let r = Self::request(&s, prompt, adapter, max_new_tokens, temperature, top_p, top_k, seed, chat, stop)?;
+            (r, self.version.load(Ordering::SeqCst))
+        };
         let (tx, rx) = mpsc::channel();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let (session, stop) = (self.session.clone(), cancel.clone());
+        let (started_tx, started_rx) = mpsc::channel::<anyhow::Result<StopHandle>>();
+        let (session, versions) = (self.session.clone(), self.version.clone());
         std::thread::spawn(move || {
             let s = session.read().unwrap_or_else(|e| e.into_inner());
-            let run = || -> anyhow::Result<()> {
-                for token in Generation::new(s.model(), &s.base.tokenizer, request)? {
-                    let text = token?.text;
-                    if stop.load(Ordering::SeqCst) || (!text.is_empty() && tx.send(Ok(text)).is_err()) {
+            // Under this lock the session cannot change; refuse if it did since the request
+            // was built (its adapter choice could be wrong, e.g. merged meanwhile).
+            if versions.load(Ordering::SeqCst) != version {
+                let _ = started_tx.send(Err(anyhow::anyhow!("the model's adapters changed while the stream started; start it again")));
+                return;
+            }
+            let generation = match Generation::new(s.model(), &s.base.tokenizer, request) {
+                Ok(g) => g,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                    return;
+                }
+            };
+            if started_tx.send(Ok(generation.stop_handle())).is_err() {
+                return;
+            }
+            for token in generation {
+                match token {
+                    Ok(t) if t.text.is_empty() => {}
+                    Ok(t) => {
+                        if tx.send(Ok(t.text)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
                         break;
                     }
                 }
-                Ok(())
-            };
-            if let Err(e) = run() {
-                let _ = tx.send(Err(e));
             }
         });
-        Ok(TextStream { rx: Mutex::new(Some(rx)), cancel })
+        let handle = py.detach(move || started_rx.recv()).map_err(|_| PyRuntimeError::new_err("the generation thread ended at start"))?;
+        Ok(TextStream { rx: Mutex::new(Some(rx)), stop: handle.map_err(to_py)? })
     }
 
     /// Logits of every position of each text as little-endian f32 bytes, and their shape
@@ -226,11 +269,12 @@ impl Model {
         texts: Vec<String>,
         adapter: Option<&str>,
     ) -> PyResult<(Bound<'py, PyBytes>, (usize, usize, usize))> {
-        let s = self.read();
+        let s = self.read(py);
         let rows = Self::encode_all(&s, &texts)?;
         let adapter = Self::resolve(&s, adapter)?;
         let (n, longest, vocab) = (rows.len(), rows.iter().map(Vec::len).max().unwrap_or(0), s.model().config.vocab_size);
-        let bytes = (n * longest * vocab * 4) as u128;
+        // The f32 logits and the bytes object Python gets exist at once.
+        let bytes = 2 * (n * longest * vocab * 4) as u128;
         lowrank::limits::ensure_memory(bytes, &format!("the logits of {n} texts of up to {longest} tokens")).map_err(to_py)?;
         let logits = py
             .detach(|| -> anyhow::Result<Vec<f32>> {
@@ -245,8 +289,13 @@ impl Model {
                 Ok(logits)
             })
             .map_err(to_py)?;
-        let raw: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
-        Ok((PyBytes::new(py, &raw), (n, longest, vocab)))
+        let raw = PyBytes::new_with(py, logits.len() * 4, |buf| {
+            for (chunk, x) in buf.chunks_exact_mut(4).zip(&logits) {
+                chunk.copy_from_slice(&x.to_le_bytes());
+            }
+            Ok(())
+        })?;
+        Ok((raw, (n, longest, vocab)))
     }
 
     /// Mean next-token cross-entropy over every token of the texts (each followed by EOS), as
@@ -256,7 +305,7 @@ impl Model {
         if texts.is_empty() {
             return Err(PyValueError::new_err("texts must not be empty"));
         }
-        let s = self.read();
+        let s = self.read(py);
         let adapter = Self::resolve(&s, adapter)?;
         let records: Vec<lowrank::data::Record> = texts.into_iter().map(lowrank::data::Record::Text).collect();
         let loss = py
@@ -285,7 +334,7 @@ impl Model {
         max_new_tokens: usize,
         batch_size: usize,
     ) -> PyResult<(usize, usize, Vec<(String, String, String)>)> {
-        let s = self.read();
+        let s = self.read(py);
         let adapter = Self::resolve(&s, adapter)?;
         let em = py
             .detach(|| {
@@ -317,6 +366,9 @@ impl Model {
     fn merge(&self, py: Python<'_>, name: &str) -> PyResult<()> {
         let mut guard = self.write(py)?;
         let s: &mut Session = &mut guard;
+        if !s.adapters.names().iter().any(|n| n == name) {
+            return Err(PyValueError::new_err(format!("no adapter named {name:?} (loaded: {})", s.adapters.names().join(", "))));
+        }
         py.detach(|| {
             s.set_merged(false)?;
             s.switch(Some(name))?;
@@ -335,7 +387,7 @@ impl Model {
     /// The loaded adapters: name, rank, alpha, scale, targets, active, merged.
     #[getter]
     fn adapters<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let s = self.read();
+        let s = self.read(py);
         let active = s.adapters.active_name();
         s.adapters
             .entries
@@ -359,14 +411,14 @@ impl Model {
 
     /// The active adapter's name, or None.
     #[getter]
-    fn active_adapter(&self) -> Option<String> {
-        self.read().adapters.active_name().map(str::to_string)
+    fn active_adapter(&self, py: Python<'_>) -> Option<String> {
+        self.read(py).adapters.active_name().map(str::to_string)
     }
 
     /// The model's chat template applied to one user message (the prompt `generate(chat=True)`
     /// continues).
-    fn chat_prompt(&self, message: &str) -> PyResult<String> {
-        let s = self.read();
+    fn chat_prompt(&self, py: Python<'_>, message: &str) -> PyResult<String> {
+        let s = self.read(py);
         let ids = Self::prompt(&s, message, true).map_err(to_py)?;
         s.base.tokenizer.decode(&ids, false).map_err(to_py)
     }
@@ -376,7 +428,8 @@ impl Model {
 #[pyclass(module = "lowrank._lowrank", frozen)]
 struct TextStream {
     rx: Mutex<Option<mpsc::Receiver<anyhow::Result<String>>>>,
-    cancel: Arc<AtomicBool>,
+    /// Ends the generation before its next step (the thread then drops the session lock).
+    stop: StopHandle,
 }
 
 #[pymethods]
@@ -386,7 +439,14 @@ impl TextStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
-        let mut guard = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        // Never wait for this lock with the GIL held: a second reader gets an error instead.
+        let mut guard = match self.rx.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(PyRuntimeError::new_err("this text stream is being read by another thread"))
+            }
+        };
         loop {
             let Some(rx) = guard.take() else { return Ok(None) };
             // Wait with the GIL released, but look at Ctrl-C every 100 ms.
@@ -395,10 +455,13 @@ impl TextStream {
             match got {
                 Ok(Ok(text)) => return Ok(Some(text)),
                 Ok(Err(e)) => return Err(to_py(e)),
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(None),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    guard.take();
+                    return Ok(None);
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if let Err(e) = py.check_signals() {
-                        self.cancel.store(true, Ordering::SeqCst);
+                        self.stop.stop();
                         return Err(e);
                     }
                 }
@@ -406,16 +469,18 @@ impl TextStream {
         }
     }
 
-    /// Stops the generation before its next token.
+    /// Stops the generation before its next step; the stream then ends.
     fn close(&self) {
-        self.cancel.store(true, Ordering::SeqCst);
-        self.rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.stop.stop();
+        if let Ok(mut guard) = self.rx.try_lock() {
+            guard.take();
+        }
     }
 }
 
 impl Drop for TextStream {
     fn drop(&mut self) {
-        self.cancel.store(true, Ordering::SeqCst);
+        self.stop.stop();
     }
 }
 
@@ -481,7 +546,7 @@ fn train<'py>(py: Python<'py>, settings: &str, on_event: Bound<'py, PyAny>) -> P
                     TrainEvent::Message(t) => ("message", serde_json::Value::String(t)),
                 };
                 // A failing callback stops the run like Ctrl-C; its exception is raised after.
-                if let Err(e) = on_event.call1((kind, json_to_py(py, &payload)?)) {
+                if let Err(e) = json_to_py(py, &payload).and_then(|p| on_event.call1((kind, p))) {
                     stop.store(true, Ordering::SeqCst);
                     interrupted.get_or_insert(e);
                 }
@@ -496,6 +561,14 @@ fn train<'py>(py: Python<'py>, settings: &str, on_event: Bound<'py, PyAny>) -> P
     }
     let summary = py.detach(|| worker.join()).map_err(|_| PyRuntimeError::new_err("the training thread panicked"))?.map_err(to_py)?;
     if let Some(e) = interrupted {
+        // A stop on the last step ends the run normally (no checkpoint): the adapter is there.
+        if e.is_instance_of::<PyKeyboardInterrupt>(py) && !summary.interrupted {
+            return Err(PyKeyboardInterrupt::new_err(format!(
+                "interrupted as training finished its last step ({}); the adapter is in {}",
+                summary.steps,
+                summary.adapter_dir.display()
+            )));
+        }
         if e.is_instance_of::<PyKeyboardInterrupt>(py) {
             let dir = cfg.output.join("checkpoints");
             return Err(PyKeyboardInterrupt::new_err(format!(
@@ -523,7 +596,7 @@ fn preview(
     seq_len: usize,
     limit: usize,
 ) -> PyResult<Vec<(Vec<String>, Vec<bool>, usize)>> {
-    let s = model.read();
+    let s = model.read(py);
     let examples =
         py.detach(|| lowrank::train::eval::preview_examples(&s.base, &data, format, train_on_inputs, seq_len, limit)).map_err(to_py)?;
     Ok(examples.into_iter().map(|e| (e.tokens, e.trained, e.total_tokens)).collect())

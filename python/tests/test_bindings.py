@@ -84,6 +84,37 @@ def test_a_closed_stream_frees_the_model(model: lowrank.Model) -> None:
     model.set_adapter(None)
 
 
+def test_calls_from_two_threads_neither_deadlock_nor_mix(model: lowrank.Model) -> None:
+    model.load_adapter(FIXTURES / "peft_adapter", name="t")
+    errors = []
+
+    def generate() -> None:
+        try:
+            for _ in range(3):
+                model.generate(PROMPT, max_new_tokens=8)
+                "".join(model.stream(PROMPT, max_new_tokens=4))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    def switch() -> None:
+        try:
+            for i in range(20):
+                model.set_adapter("t" if i % 2 else None)
+                model.adapters
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=generate), threading.Thread(target=switch)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "deadlocked"
+    # A change may be refused while the other thread's call holds the model; nothing else.
+    assert all(isinstance(e, RuntimeError) and "in use" in str(e) for e in errors), errors
+    model.set_adapter(None)
+
+
 def test_logits_agree_across_batches_with_loss_and_pad_with_nan(model: lowrank.Model) -> None:
     tokens = json.loads((FIXTURES / "tokens.json").read_text())["strings"]
     short, long = tokens[0]["text"], tokens[1]["text"]
@@ -143,6 +174,12 @@ def test_bad_input_raises_python_exceptions(model: lowrank.Model, tmp_path: Path
         model.load_adapter(tmp_path / "no-adapter", name="x")
     with pytest.raises(ValueError, match="temperature"):
         model.generate("hi", temperature=-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        model.stream("hi", temperature=-1.0)  # raised at once, not at the first piece
+    before = model.adapters
+    with pytest.raises(ValueError, match="no adapter named"):
+        model.merge("missing")
+    assert model.adapters == before
     with pytest.raises(ValueError, match="empty"):
         model.loss([])
     with pytest.raises(TypeError):

@@ -122,9 +122,11 @@ impl LowRankSource for AdapterSet {
 /// W += weight · scale · B·A for every module of the adapter (`weight` = −1 undoes it). A module
 /// stored compact (bf16, Q8_0, Q4_1) is expanded to f32 first and stays f32. Each module's new
 /// weights are computed aside and checked finite before they replace the old ones, so an
-/// adapter with huge weights is an error naming the module, never an infinite weight.
+/// adapter with huge weights is an error naming the module, never an infinite weight; the
+/// modules already changed are then changed back, so an error leaves the model as it was (to
+/// within rounding, for modules that were compact).
 fn add_delta(model: &mut DecoderModel, adapter: &LoraAdapter, weight: f32) -> Result<()> {
-    for m in &adapter.modules {
+    let add = |model: &mut DecoderModel, m: &super::adapter::LoraModule, weight: f32| -> Result<()> {
         let lin = &mut model.layers[m.layer].linear[m.kind.index()];
         let mut w = lin.w.to_f32();
         matmul(&mut w, adapter.b(m), false, adapter.a(m), false, m.out_features, m.in_features, m.r, weight * m.scale, true);
@@ -132,6 +134,15 @@ fn add_delta(model: &mut DecoderModel, adapter: &LoraAdapter, weight: f32) -> Re
             bail!("merging the adapter into {} gives a non-finite weight ({x}); the adapter's weights are too large", m.name);
         }
         lin.w.f32_mut().copy_from_slice(&w);
+        Ok(())
+    };
+    for (i, m) in adapter.modules.iter().enumerate() {
+        if let Err(e) = add(model, m, weight) {
+            for done in &adapter.modules[..i] {
+                let _ = add(model, done, -weight); // subtracts a change that was finite
+            }
+            return Err(e);
+        }
     }
     Ok(())
 }
