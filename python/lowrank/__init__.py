@@ -104,7 +104,7 @@ class Model:
         `adapter`: None uses the active adapter (see `set_adapter`), "none" the base model, a
         name that adapter for this call only. `temperature=0` is greedy; `stop` strings end the
         text (they are not included)."""
-        return self._inner.generate(prompt, adapter, max_new_tokens, temperature, top_p, top_k, seed, chat, list(stop))
+        return "".join(self.stream(prompt, adapter, max_new_tokens, temperature, top_p, top_k, seed, chat, stop))
 
     def stream(
         self,

@@ -13,10 +13,6 @@ class Model:
     weights: str
     @staticmethod
     def load(path: str, weights: str = "bf16") -> "Model": ...
-    def generate(
-        self, prompt: str, adapter: Optional[str] = None, max_new_tokens: int = 256, temperature: float = 0.0,
-        top_p: float = 1.0, top_k: int = 0, seed: int = 0, chat: bool = True, stop: List[str] = ...,
-    ) -> str: ...
     def stream(
         self, prompt: str, adapter: Optional[str] = None, max_new_tokens: int = 256, temperature: float = 0.0,
         top_p: float = 1.0, top_k: int = 0, seed: int = 0, chat: bool = True, stop: List[str] = ...,

@@ -177,29 +177,7 @@ impl Model {
         })
     }
 
-    /// The whole generated text.
-    #[pyo3(signature = (prompt, adapter = None, max_new_tokens = 256, temperature = 0.0, top_p = 1.0, top_k = 0, seed = 0, chat = true, stop = vec![]))]
-    #[allow(clippy::too_many_arguments)]
-    fn generate(
-        &self,
-        py: Python<'_>,
-        prompt: &str,
-        adapter: Option<&str>,
-        max_new_tokens: usize,
-        temperature: f32,
-        top_p: f32,
-        top_k: usize,
-        seed: u64,
-        chat: bool,
-        stop: Vec<String>,
-    ) -> PyResult<String> {
-        let s = self.read(py);
-        let request = Self::request(&s, prompt, adapter, max_new_tokens, temperature, top_p, top_k, seed, chat, stop)?;
-        let done = py.detach(|| Generation::new(s.model(), &s.base.tokenizer, request)?.run(|_| {})).map_err(to_py)?;
-        Ok(done.text)
-    }
-
-    /// An iterator of text pieces as they are generated (the same text as `generate`).
+    /// An iterator of text pieces as they are generated (the package's `generate` joins them).
     #[pyo3(signature = (prompt, adapter = None, max_new_tokens = 256, temperature = 0.0, top_p = 1.0, top_k = 0, seed = 0, chat = true, stop = vec![]))]
     #[allow(clippy::too_many_arguments)]
     fn stream(
