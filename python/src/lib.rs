@@ -18,7 +18,7 @@ use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyRu
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -45,9 +45,6 @@ impl LowRankSource for Scaled<'_> {
 #[pyclass(module = "lowrank._lowrank", frozen)]
 struct Model {
     session: Arc<RwLock<Session>>,
-    /// Bumped by every change of the session, so a stream can tell whether its request still
-    /// describes the session it runs on.
-    version: Arc<AtomicU64>,
     #[pyo3(get)]
     path: String,
     #[pyo3(get)]
@@ -73,10 +70,7 @@ impl Model {
         let t = Instant::now();
         loop {
             match self.session.try_write() {
-                Ok(guard) => {
-                    self.version.fetch_add(1, Ordering::SeqCst);
-                    return Ok(guard);
-                }
+                Ok(guard) => return Ok(guard),
                 Err(std::sync::TryLockError::Poisoned(e)) => return Ok(e.into_inner()),
                 Err(std::sync::TryLockError::WouldBlock) if t.elapsed() < Duration::from_secs(5) => {
                     py.detach(|| std::thread::sleep(Duration::from_millis(10)))
@@ -92,21 +86,19 @@ impl Model {
 
     /// What `adapter` names for one call: `None` = the active adapter (or none); "none" = the
     /// base model; a name = that adapter. An adapter merged into the weights is the base here.
-    fn resolve(s: &Session, adapter: Option<&str>) -> PyResult<Option<(SharedAdapter, f32)>> {
+    fn resolve(s: &Session, adapter: Option<&str>) -> anyhow::Result<Option<(SharedAdapter, f32)>> {
         let merged = s.is_merged().then(|| s.adapters.active_name().unwrap_or_default().to_string());
         match (adapter, merged) {
             (None, _) => Ok(s.adapter()),
             (Some("none"), None) => Ok(None),
             (Some(name), Some(m)) if name == m => Ok(None),
-            (Some(_), Some(m)) => {
-                Err(PyValueError::new_err(format!("adapter {m:?} is merged into the weights; call unmerge() before using another")))
-            }
+            (Some(_), Some(m)) => anyhow::bail!("adapter {m:?} is merged into the weights; call unmerge() before using another"),
             (Some(name), None) => match s.adapters.entries.iter().find(|e| e.0 == name) {
                 Some((_, a, scale)) => Ok(Some((a.clone() as SharedAdapter, *scale))),
-                None => Err(PyValueError::new_err(format!(
+                None => anyhow::bail!(
                     "no adapter named {name:?} (loaded: {})",
                     if s.adapters.entries.is_empty() { "none".to_string() } else { s.adapters.names().join(", ") }
-                ))),
+                ),
             },
         }
     }
@@ -132,7 +124,7 @@ impl Model {
         seed: u64,
         chat: bool,
         stop: Vec<String>,
-    ) -> PyResult<Request> {
+    ) -> anyhow::Result<Request> {
         let params = GenerateParams {
             max_new_tokens,
             sampling: SamplingParams { temperature, top_k, top_p, repetition_penalty: 1.0, seed },
@@ -140,7 +132,7 @@ impl Model {
             stop_strings: stop,
         };
         let adapter = Self::resolve(s, adapter)?;
-        Ok(Request { prompt: Self::prompt(s, prompt, chat).map_err(to_py)?, params, adapter })
+        Ok(Request { prompt: Self::prompt(s, prompt, chat)?, params, adapter })
     }
 
     /// Each text's tokens (with the tokenizer's special tokens, as `tokenizer(text)` in
@@ -169,12 +161,7 @@ impl Model {
     fn load(py: Python<'_>, path: PathBuf, weights: &str) -> PyResult<Self> {
         let format = WeightFormat::parse(weights).map_err(to_py)?;
         let session = py.detach(|| Session::load(&path, format, &[], false)).map_err(to_py)?;
-        Ok(Model {
-            session: Arc::new(RwLock::new(session)),
-            version: Arc::new(AtomicU64::new(0)),
-            path: path.display().to_string(),
-            weights: format.name().to_string(),
-        })
+        Ok(Model { session: Arc::new(RwLock::new(session)), path: path.display().to_string(), weights: format.name().to_string() })
     }
 
     /// An iterator of text pieces as they are generated (the package's `generate` joins them).
@@ -183,8 +170,8 @@ impl Model {
     fn stream(
         &self,
         py: Python<'_>,
-        prompt: &str,
-        adapter: Option<&str>,
+        prompt: String,
+        adapter: Option<String>,
         max_new_tokens: usize,
         temperature: f32,
         top_p: f32,
@@ -193,23 +180,16 @@ impl Model {
         chat: bool,
         stop: Vec<String>,
     ) -> PyResult<TextStream> {
-        let (request, version) = {
-            let s = self.read(py);
-            let r = Self::request(&s, prompt, adapter, max_new_tokens, temperature, top_p, top_k, seed, chat, stop)?;
-            (r, self.version.load(Ordering::SeqCst))
-        };
         let (tx, rx) = mpsc::channel();
         let (started_tx, started_rx) = mpsc::channel::<anyhow::Result<StopHandle>>();
-        let (session, versions) = (self.session.clone(), self.version.clone());
+        let session = self.session.clone();
         std::thread::spawn(move || {
+            // The request is built under the same lock the generation runs under, so the
+            // adapter it chose is the one the session still has (nothing can merge meanwhile).
             let s = session.read().unwrap_or_else(|e| e.into_inner());
-            // Under this lock the session cannot change; refuse if it did since the request
-            // was built (its adapter choice could be wrong, e.g. merged meanwhile).
-            if versions.load(Ordering::SeqCst) != version {
-                let _ = started_tx.send(Err(anyhow::anyhow!("the model's adapters changed while the stream started; start it again")));
-                return;
-            }
-            let generation = match Generation::new(s.model(), &s.base.tokenizer, request) {
+            let started = Self::request(&s, &prompt, adapter.as_deref(), max_new_tokens, temperature, top_p, top_k, seed, chat, stop)
+                .and_then(|request| Generation::new(s.model(), &s.base.tokenizer, request));
+            let generation = match started {
                 Ok(g) => g,
                 Err(e) => {
                     let _ = started_tx.send(Err(e));
@@ -249,7 +229,7 @@ impl Model {
     ) -> PyResult<(Bound<'py, PyBytes>, (usize, usize, usize))> {
         let s = self.read(py);
         let rows = Self::encode_all(&s, &texts)?;
-        let adapter = Self::resolve(&s, adapter)?;
+        let adapter = Self::resolve(&s, adapter).map_err(to_py)?;
         let (n, longest, vocab) = (rows.len(), rows.iter().map(Vec::len).max().unwrap_or(0), s.model().config.vocab_size);
         // The f32 logits and the bytes object Python gets exist at once.
         let bytes = 2 * (n * longest * vocab * 4) as u128;
@@ -284,7 +264,7 @@ impl Model {
             return Err(PyValueError::new_err("texts must not be empty"));
         }
         let s = self.read(py);
-        let adapter = Self::resolve(&s, adapter)?;
+        let adapter = Self::resolve(&s, adapter).map_err(to_py)?;
         let records: Vec<lowrank::data::Record> = texts.into_iter().map(lowrank::data::Record::Text).collect();
         let loss = py
             .detach(|| -> anyhow::Result<f64> {
@@ -313,7 +293,7 @@ impl Model {
         batch_size: usize,
     ) -> PyResult<(usize, usize, Vec<(String, String, String)>)> {
         let s = self.read(py);
-        let adapter = Self::resolve(&s, adapter)?;
+        let adapter = Self::resolve(&s, adapter).map_err(to_py)?;
         let em = py
             .detach(|| {
                 let (records, _) = lowrank::data::read_jsonl(&data, None, false)?;
