@@ -5,7 +5,8 @@
 //!
 //! The portable kernels are plain Rust in 16-lane chunks; on CPUs with AVX-512 (checked at run
 //! time) the dot products run as explicit AVX-512 intrinsics and the dequantizer as the portable
-//! code compiled with AVX-512 enabled.
+//! code compiled with AVX-512 enabled. Where the CPU also has VNNI and BF16, `gemv_parallel`
+//! runs the products of `vnni` instead, in each format's own dot-product instruction.
 
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
@@ -341,13 +342,36 @@ pub fn gemv_parallel(w: Row, rows: usize, cols: usize, x: &[f32], m: usize, y: &
     let chunk = rows_per_task(rows);
     // Computed as [rows × m] so each task writes one contiguous stretch.
     let mut t = vec![0.0f32; rows * m];
-    t.par_chunks_mut(chunk * m).enumerate().for_each(|(c, o)| gemv(w, cols, c * chunk, x, m, o));
+    #[cfg(target_arch = "x86_64")]
+    let done = super::vnni::available() && {
+        // The activations rounded once for all tasks, to the weight's dot-product type.
+        let acts = super::vnni::Activations::new(w, x, m, cols);
+        // SAFETY: `available()` checked that the CPU has the instructions.
+        t.par_chunks_mut(chunk * m).enumerate().for_each(|(c, o)| unsafe { super::vnni::gemv(w, cols, c * chunk, &acts, o) });
+        true
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = false;
+    if !done {
+        t.par_chunks_mut(chunk * m).enumerate().for_each(|(c, o)| gemv(w, cols, c * chunk, x, m, o));
+    }
     for i in 0..m {
         for (j, o) in y[i * rows..(i + 1) * rows].iter_mut().enumerate() {
             let v = alpha * t[j * m + i];
             *o = if accumulate { *o + v } else { v };
         }
     }
+}
+
+/// The activations as `gemv_parallel` multiplies them with a weight in `w`'s format: rounded to
+/// its dot-product type where the CPU runs `vnni`'s products, unchanged elsewhere.
+pub fn activations_as_taken(w: Row, x: &[f32], cols: usize) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if super::vnni::available() {
+        return super::vnni::rounded(w, x, cols);
+    }
+    let _ = (w, cols);
+    x.to_vec()
 }
 
 /// Rows `first..first + out.len()/cols` of the matrix `w` as f32 into `out`, in parallel.
@@ -372,7 +396,7 @@ pub fn dequantize_bf16_parallel(w: Row, cols: usize, first: usize, out: &mut [u1
 }
 
 /// Rows per parallel task: enough tasks to balance two to a few dozen threads, each a few KiB of
-/// weights at least.
+/// weights at least, in whole tiles of four rows (`vnni`).
 fn rows_per_task(rows: usize) -> usize {
-    (rows / (8 * rayon::current_num_threads())).clamp(16, 1024)
+    (rows / (8 * rayon::current_num_threads())).clamp(16, 1024).next_multiple_of(4)
 }

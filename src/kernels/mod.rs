@@ -33,6 +33,8 @@ pub mod loss;
 pub mod matmul;
 pub mod norm;
 pub mod rope;
+#[cfg(target_arch = "x86_64")]
+pub mod vnni;
 
 pub use matmul::matmul;
 

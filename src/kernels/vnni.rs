@@ -1,0 +1,639 @@
+//! Decode products (`y = x · Wᵀ` for a few activation rows) on CPUs with AVX-512 VNNI and BF16
+//! (Sapphire Rapids, Zen 4), where each weight is read once per call and multiplied in its own
+//! dot-product type instead of being widened to f32 value by value:
+//!
+//! - the activations are rounded once per call to the weight's dot-product type: bf16 for a bf16
+//!   weight (`vdpbf16ps`: 32 products per instruction), 8-bit values in blocks of 32 with an f32
+//!   scale for Q8_0 and Q4_1 (`vpdpbusd`: 64 per instruction; llama.cpp rounds its activations
+//!   the same way), unchanged for f32;
+//! - each 64-byte chunk of a weight row is loaded once for a tile of up to 16 activation rows, so
+//!   a decode step over many sequences costs little more memory traffic than one.
+//!
+//! What the products compute exactly — the weight's values times the activations as rounded here
+//! — is what `rounded` returns, and what the tests compare against.
+
+use super::gemv::{Row, BLOCK};
+use std::arch::x86_64::*;
+
+/// Whether this CPU has the instructions (checked once).
+pub fn available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512bf16")
+            && is_x86_feature_detected!("fma")
+    })
+}
+
+/// 64 bytes, aligned to a cache line: 16 f32, 32 bf16 or 64 8-bit values.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Chunk([u8; 64]);
+
+const ZERO: Chunk = Chunk([0; 64]);
+
+impl Chunk {
+    fn f32s(&mut self) -> &mut [f32; 16] {
+        // SAFETY: 64 aligned bytes are 16 f32 exactly; every bit pattern is a valid f32.
+        unsafe { &mut *(self.0.as_mut_ptr() as *mut [f32; 16]) }
+    }
+}
+
+/// Which format the activations were rounded for (the weight's).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    F32,
+    Bf16,
+    Q8_0,
+    Q4_1,
+}
+
+fn kind(w: Row) -> Kind {
+    match w {
+        Row::F32(_) => Kind::F32,
+        Row::Bf16(_) => Kind::Bf16,
+        Row::Q8_0 { .. } => Kind::Q8_0,
+        Row::Q4_1 { .. } => Kind::Q4_1,
+    }
+}
+
+/// Values of a row per chunk.
+fn per_chunk(kind: Kind) -> usize {
+    match kind {
+        Kind::F32 => 16,
+        Kind::Bf16 => 32,
+        Kind::Q8_0 | Kind::Q4_1 => 2 * BLOCK,
+    }
+}
+
+/// A block of 32 activations as 8-bit values and a scale: `x ≈ scale · q`, `|q| ≤ 127`.
+fn quantize_block(x: &[f32]) -> (f32, [i8; BLOCK]) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let mut q = [0i8; BLOCK];
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    (scale, q)
+}
+
+/// The activations of one call, rounded for the weight's format; each row padded with zeros to
+/// whole chunks.
+pub struct Activations {
+    kind: Kind,
+    rows: usize,
+    chunks: usize,
+    /// `[rows × chunks]`: f32, bf16, or 8-bit values (Q8_0: `q + 128` as unsigned; Q4_1: signed,
+    /// in the order the Q4_1 nibbles unpack to, see `load_q4_1`).
+    x: Vec<Chunk>,
+    /// Q8_0/Q4_1 `[rows × chunks]`: each 32-bit lane's block scale, as f32 (Q4_1: 1/16 of it
+    /// in the lanes of high nibbles, see `Q4_1Rows::load`).
+    scale: Vec<Chunk>,
+    /// Q4_1 `[rows × sums_stride]`: each block's `scale · Σq`, which the block's minimum
+    /// multiplies; zeros past the row's blocks.
+    block_sum: Vec<f32>,
+    sums_stride: usize,
+}
+
+impl Activations {
+    /// `x` (`m` rows of `cols`) rounded for products with the weight `w`.
+    pub fn new(w: Row, x: &[f32], m: usize, cols: usize) -> Self {
+        assert_eq!(x.len(), m * cols);
+        let kind = kind(w);
+        let chunks = cols.div_ceil(per_chunk(kind));
+        let mut a =
+            Activations { kind, rows: m, chunks, x: vec![ZERO; m * chunks], scale: Vec::new(), block_sum: Vec::new(), sums_stride: 0 };
+        match kind {
+            Kind::F32 => {
+                for (row, out) in x.chunks_exact(cols).zip(a.x.chunks_exact_mut(chunks)) {
+                    for (src, dst) in row.chunks(16).zip(out.iter_mut()) {
+                        dst.f32s()[..src.len()].copy_from_slice(src);
+                    }
+                }
+            }
+            Kind::Bf16 => {
+                for (row, out) in x.chunks_exact(cols).zip(a.x.chunks_exact_mut(chunks)) {
+                    for (src, dst) in row.chunks(32).zip(out.iter_mut()) {
+                        for (k, &v) in src.iter().enumerate() {
+                            dst.0[2 * k..2 * k + 2].copy_from_slice(&super::amx::to_bf16(v).to_le_bytes());
+                        }
+                    }
+                }
+            }
+            Kind::Q8_0 | Kind::Q4_1 => {
+                a.scale = vec![ZERO; m * chunks];
+                if kind == Kind::Q8_0 {
+                    // Padding: q = 0 (stored as 128) under a zero weight and a zero scale.
+                    a.x.iter_mut().for_each(|c| c.0 = [128; 64]);
+                } else {
+                    a.sums_stride = (cols / BLOCK).next_multiple_of(16);
+                    a.block_sum = vec![0.0; m * a.sums_stride];
+                }
+                assert!(available(), "Activations::new without AVX-512 VNNI");
+                for (i, row) in x.chunks_exact(cols).enumerate() {
+                    for (b, block) in row.chunks_exact(BLOCK).enumerate() {
+                        let c = i * chunks + b / 2;
+                        let half = b % 2;
+                        // SAFETY: checked above that the CPU has AVX-512; the block is 32 values.
+                        let (s, sum) = unsafe { quantize_into(kind, block, &mut a.x[c], half) };
+                        // Lane l of a chunk holds bytes 4l..4l+4.
+                        for l in (0..16).filter(|&l| lane_block(kind, l) == half) {
+                            // Q4_1's high nibbles (lanes 8..16) come in 16 times their value.
+                            a.scale[c].f32s()[l] = if kind == Kind::Q4_1 && l >= 8 { s / 16.0 } else { s };
+                        }
+                        if kind == Kind::Q4_1 {
+                            a.block_sum[i * a.sums_stride + b] = s * sum as f32;
+                        }
+                    }
+                }
+            }
+        }
+        a
+    }
+}
+
+/// `quantize_block` of the 32 values of `block`, written into block `half` (0 or 1) of `dst`:
+/// Q8_0 as `q + 128` in natural order, Q4_1 as signed values in the order its nibbles unpack to,
+/// `[a 0..16, b 0..16, a 16..32, b 16..32]`. Returns the scale and `Σ q`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_into(kind: Kind, block: &[f32], dst: &mut Chunk, half: usize) -> (f32, i32) {
+    assert!(block.len() == BLOCK);
+    let (v0, v1) = (_mm512_loadu_ps(block.as_ptr()), _mm512_loadu_ps(block.as_ptr().add(16)));
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    let scale = amax / 127.0;
+    let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+    // Rounded to nearest even, as `quantize_block`.
+    let (q0, q1) = (_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)));
+    let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    let (q0, q1, at0, at1) = if kind == Kind::Q8_0 {
+        let offset = _mm512_set1_epi32(128);
+        (_mm512_add_epi32(q0, offset), _mm512_add_epi32(q1, offset), 32 * half, 32 * half + 16)
+    } else {
+        (q0, q1, 16 * half, 32 + 16 * half)
+    };
+    _mm_storeu_si128(dst.0.as_mut_ptr().add(at0) as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(dst.0.as_mut_ptr().add(at1) as *mut __m128i, _mm512_cvtepi32_epi8(q1));
+    (scale, sum)
+}
+
+/// Which of a chunk's two blocks (0 or 1) 32-bit lane `l` (bytes 4l..4l+4) belongs to: halves
+/// for Q8_0, alternating quarters in Q4_1's unpacked order (as `q8_0_pattern`, `q4_1_pattern`).
+fn lane_block(kind: Kind, l: usize) -> usize {
+    if kind == Kind::Q8_0 {
+        l / 8
+    } else {
+        (l / 4) % 2
+    }
+}
+
+/// `x` as the products take it against a weight in `w`'s format (f32: unchanged): for tests and
+/// for reasoning about accuracy.
+pub fn rounded(w: Row, x: &[f32], cols: usize) -> Vec<f32> {
+    match kind(w) {
+        Kind::F32 => x.to_vec(),
+        Kind::Bf16 => x.iter().map(|&v| f32::from_bits((super::amx::to_bf16(v) as u32) << 16)).collect(),
+        Kind::Q8_0 | Kind::Q4_1 => {
+            assert!(cols.is_multiple_of(BLOCK));
+            x.chunks_exact(BLOCK)
+                .flat_map(|b| {
+                    let (s, q) = quantize_block(b);
+                    q.map(|v| s * v as f32)
+                })
+                .collect()
+        }
+    }
+}
+
+/// One format's chunk loads and multiply-adds. `load` reads chunk `c` of weight row `j` (`mask`:
+/// its valid elements, from `mask(c)`); `madd` adds its products with chunk `c` of activation row
+/// `i` into the lanes of `acc`; `finish` adds what the row's chunks leave out. The lanes' sum is
+/// the dot product.
+trait Format: Copy {
+    type W: Copy;
+    fn mask(self, c: usize) -> u64;
+    unsafe fn load(self, j: usize, c: usize, mask: u64) -> Self::W;
+    unsafe fn madd(acc: __m512, w: &Self::W, x: &Activations, i: usize, c: usize) -> __m512;
+    #[inline(always)]
+    unsafe fn finish(self, acc: __m512, _j: usize, _x: &Activations, _i: usize) -> __m512 {
+        acc
+    }
+    /// The address of chunk `c` of row `j` (possibly past the matrix: only for prefetching).
+    fn address(self, j: usize, c: usize) -> *const i8;
+}
+
+/// Bit mask of the first `n` of `lanes` elements (all when `n ≥ lanes`).
+#[inline(always)]
+fn first(n: usize, lanes: usize) -> u64 {
+    if n >= lanes {
+        u64::MAX >> (64 - lanes)
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
+#[inline(always)]
+unsafe fn x_ptr(x: &Activations, i: usize, c: usize) -> *const Chunk {
+    x.x.as_ptr().add(i * x.chunks + c)
+}
+
+#[inline(always)]
+unsafe fn scale_lanes(x: &Activations, i: usize, c: usize) -> __m512 {
+    _mm512_load_ps(x.scale.as_ptr().add(i * x.chunks + c) as *const f32)
+}
+
+#[derive(Clone, Copy)]
+struct F32Rows<'a> {
+    w: &'a [f32],
+    cols: usize,
+}
+
+impl Format for F32Rows<'_> {
+    type W = __m512;
+    #[inline(always)]
+    fn mask(self, c: usize) -> u64 {
+        first(self.cols - 16 * c, 16)
+    }
+    #[inline(always)]
+    fn address(self, j: usize, c: usize) -> *const i8 {
+        self.w.as_ptr().wrapping_add(j * self.cols + 16 * c) as *const i8
+    }
+    #[inline(always)]
+    unsafe fn load(self, j: usize, c: usize, mask: u64) -> __m512 {
+        _mm512_maskz_loadu_ps(mask as __mmask16, self.w.as_ptr().add(j * self.cols + 16 * c))
+    }
+    #[inline(always)]
+    unsafe fn madd(acc: __m512, w: &__m512, x: &Activations, i: usize, c: usize) -> __m512 {
+        _mm512_fmadd_ps(*w, _mm512_load_ps(x_ptr(x, i, c) as *const f32), acc)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Bf16Rows<'a> {
+    w: &'a [u16],
+    cols: usize,
+}
+
+impl Format for Bf16Rows<'_> {
+    type W = __m512bh;
+    #[inline(always)]
+    fn mask(self, c: usize) -> u64 {
+        first(self.cols - 32 * c, 32)
+    }
+    #[inline(always)]
+    fn address(self, j: usize, c: usize) -> *const i8 {
+        self.w.as_ptr().wrapping_add(j * self.cols + 32 * c) as *const i8
+    }
+    #[inline(always)]
+    unsafe fn load(self, j: usize, c: usize, mask: u64) -> __m512bh {
+        let v = _mm512_maskz_loadu_epi16(mask as __mmask32, self.w.as_ptr().add(j * self.cols + 32 * c) as *const i16);
+        std::mem::transmute::<__m512i, __m512bh>(v)
+    }
+    #[inline(always)]
+    unsafe fn madd(acc: __m512, w: &__m512bh, x: &Activations, i: usize, c: usize) -> __m512 {
+        let xv = std::mem::transmute::<__m512i, __m512bh>(_mm512_load_si512(x_ptr(x, i, c) as *const __m512i));
+        _mm512_dpbf16_ps(acc, xv, *w)
+    }
+}
+
+/// Blocks `b` and `b + 1` of `v` (a row's per-block values; `b + 1` may be past the row's
+/// `blocks`, then it reads as 0) spread over a chunk's lanes: `pattern[l]` says which of the two
+/// lane `l` takes.
+#[inline(always)]
+unsafe fn pair_lanes(v: &[f32], b: usize, blocks: usize, pattern: __m512i) -> __m512 {
+    let pair = if b + 1 < blocks {
+        _mm512_castsi512_ps(_mm512_set1_epi64((v.as_ptr().add(b) as *const i64).read_unaligned()))
+    } else {
+        _mm512_set1_ps(v[b])
+    };
+    _mm512_maskz_permutexvar_ps(if b + 1 < blocks { 0xFFFF } else { !lane_mask_second(pattern) }, pattern, pair)
+}
+
+/// The lanes of a chunk that the second block of a pair fills, from a `pair_lanes` pattern.
+#[inline(always)]
+unsafe fn lane_mask_second(pattern: __m512i) -> __mmask16 {
+    _mm512_cmpeq_epi32_mask(pattern, _mm512_set1_epi32(1))
+}
+
+/// Lane → block for Q8_0's chunks (`lane_block`): the first 8 lanes, then the other 8.
+#[inline(always)]
+unsafe fn q8_0_pattern() -> __m512i {
+    _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+}
+
+/// Lane → block for Q4_1's unpacked chunks (`lane_block`): alternating quarters.
+#[inline(always)]
+unsafe fn q4_1_pattern() -> __m512i {
+    _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1)
+}
+
+#[derive(Clone, Copy)]
+struct Q8_0Rows<'a> {
+    scale: &'a [f32],
+    q: &'a [i8],
+    cols: usize,
+}
+
+/// A Q8_0 chunk: its 64 values, −128·Σ of each lane's four values (so that the unsigned product
+/// with `q + 128` comes out as the signed one), and the lane scales.
+#[derive(Clone, Copy)]
+struct Q8Chunk {
+    q: __m512i,
+    offset: __m512i,
+    scale: __m512,
+}
+
+impl Format for Q8_0Rows<'_> {
+    type W = Q8Chunk;
+    #[inline(always)]
+    fn mask(self, c: usize) -> u64 {
+        first(self.cols - 64 * c, 64)
+    }
+    #[inline(always)]
+    fn address(self, j: usize, c: usize) -> *const i8 {
+        self.q.as_ptr().wrapping_add(j * self.cols + 64 * c)
+    }
+    #[inline(always)]
+    unsafe fn load(self, j: usize, c: usize, mask: u64) -> Q8Chunk {
+        let blocks = self.cols / BLOCK;
+        let q = _mm512_maskz_loadu_epi8(mask, self.q.as_ptr().add(j * self.cols + 64 * c));
+        let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), q);
+        let offset = _mm512_sub_epi32(_mm512_setzero_si512(), sums);
+        Q8Chunk { q, offset, scale: pair_lanes(&self.scale[j * blocks..], 2 * c, blocks, q8_0_pattern()) }
+    }
+    #[inline(always)]
+    unsafe fn madd(acc: __m512, w: &Q8Chunk, x: &Activations, i: usize, c: usize) -> __m512 {
+        let xq = _mm512_load_si512(x_ptr(x, i, c) as *const __m512i);
+        let dot = _mm512_dpbusd_epi32(w.offset, xq, w.q);
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w.scale, scale_lanes(x, i, c)), acc)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Q4_1Rows<'a> {
+    scale: &'a [f32],
+    min: &'a [f32],
+    q: &'a [u8],
+    cols: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Q4Chunk {
+    q: __m512i,
+    scale: __m512,
+}
+
+impl Format for Q4_1Rows<'_> {
+    type W = Q4Chunk;
+    #[inline(always)]
+    fn mask(self, c: usize) -> u64 {
+        first(self.cols / 2 - 32 * c, 32)
+    }
+    #[inline(always)]
+    fn address(self, j: usize, c: usize) -> *const i8 {
+        self.q.as_ptr().wrapping_add(j * self.cols / 2 + 32 * c) as *const i8
+    }
+    /// The chunk's two blocks of 16 bytes, loaded twice: the low nibbles of the first copy and
+    /// the high nibbles (left in place, so 16 times their value; the activations' scales for
+    /// those lanes are 1/16 of the block's) of the second give `[a 0..16, b 0..16, a 16..32,
+    /// b 16..32]` (byte k holds positions k and k + 16 of its block).
+    #[inline(always)]
+    unsafe fn load(self, j: usize, c: usize, mask: u64) -> Q4Chunk {
+        let blocks = self.cols / BLOCK;
+        let bytes = _mm256_maskz_loadu_epi8(mask as __mmask32, self.q.as_ptr().add(j * self.cols / 2 + 32 * c) as *const i8);
+        let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(bytes), bytes);
+        let nibbles = _mm512_inserti64x4::<1>(_mm512_set1_epi8(15), _mm256_set1_epi8(-16));
+        let q = _mm512_and_si512(both, nibbles);
+        Q4Chunk { q, scale: pair_lanes(&self.scale[j * blocks..], 2 * c, blocks, q4_1_pattern()) }
+    }
+    #[inline(always)]
+    unsafe fn madd(acc: __m512, w: &Q4Chunk, x: &Activations, i: usize, c: usize) -> __m512 {
+        let xq = _mm512_load_si512(x_ptr(x, i, c) as *const __m512i);
+        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.q, xq);
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(w.scale, scale_lanes(x, i, c)), acc)
+    }
+    /// The minimums: `Σ_b min_b · (x scale · Σ q)_b` over the row's blocks, 16 at a time.
+    #[inline(always)]
+    unsafe fn finish(self, mut acc: __m512, j: usize, x: &Activations, i: usize) -> __m512 {
+        let blocks = self.cols / BLOCK;
+        let sums = x.block_sum.as_ptr().add(i * x.sums_stride);
+        for g in 0..blocks.div_ceil(16) {
+            let mask = first(blocks - 16 * g, 16) as __mmask16;
+            let min = _mm512_maskz_loadu_ps(mask, self.min.as_ptr().add(j * blocks + 16 * g));
+            acc = _mm512_fmadd_ps(min, _mm512_loadu_ps(sums.add(16 * g)), acc);
+        }
+        acc
+    }
+}
+
+/// Weight rows `j0..j0 + R` against activation rows `i0..i0 + M`: every weight chunk is loaded
+/// once for the M rows, the R·M sums stay in registers.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // index loops: each activation chunk meets all R weight chunks in turn
+unsafe fn tile<F: Format, const R: usize, const M: usize>(f: F, x: &Activations, j0: usize, i0: usize, out: &mut [f32], first_row: usize) {
+    let mut acc = [[_mm512_setzero_ps(); M]; R];
+    for c in 0..x.chunks {
+        // The tile two ahead, chunk by chunk: its rows share 4 KiB pages, where the hardware
+        // prefetcher follows one stream per page.
+        for r in 0..R {
+            _mm_prefetch::<_MM_HINT_T0>(f.address(j0 + 2 * R + r, c));
+        }
+        let mask = f.mask(c);
+        let w: [F::W; R] = std::array::from_fn(|r| f.load(j0 + r, c, mask));
+        for i in 0..M {
+            for r in 0..R {
+                acc[r][i] = F::madd(acc[r][i], &w[r], x, i0 + i, c);
+            }
+        }
+    }
+    let m = x.rows;
+    for r in 0..R {
+        for i in 0..M {
+            acc[r][i] = f.finish(acc[r][i], j0 + r, x, i0 + i);
+        }
+    }
+    if R * M >= 8 {
+        // Many sums: reduced together, 16 lanes to a vector of 16 sums.
+        let mut v = [_mm512_setzero_ps(); 16];
+        for r in 0..R {
+            v[r * M..(r + 1) * M].copy_from_slice(&acc[r]);
+        }
+        let sums = sum_lanes16(v);
+        for r in 0..R {
+            out[(j0 + r - first_row) * m + i0..][..M].copy_from_slice(&sums[r * M..(r + 1) * M]);
+        }
+    } else {
+        for (r, row) in acc.iter().enumerate() {
+            for (i, a) in row.iter().enumerate() {
+                out[(j0 + r - first_row) * m + i0 + i] = _mm512_reduce_add_ps(*a);
+            }
+        }
+    }
+}
+
+/// The lane sums of 16 vectors, `[Σ v[0], …, Σ v[15]]`, in 15 adds of pairs shuffled together
+/// (each level halves the vectors and the lanes per sum) instead of 16 separate reductions.
+#[inline(always)]
+unsafe fn sum_lanes16(v: [__m512; 16]) -> [f32; 16] {
+    // v[2k], v[2k+1] → 256-bit halves of s[k]: [v[2k]'s 8 partial sums, v[2k+1]'s].
+    let s: [__m512; 8] = std::array::from_fn(|k| {
+        let (a, b) = (v[2 * k], v[2 * k + 1]);
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0b01_00_01_00>(a, b), _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b))
+    });
+    // → 128-bit blocks of t[k]: v[4k], v[4k+1], v[4k+2], v[4k+3], 4 partial sums each.
+    let t: [__m512; 4] = std::array::from_fn(|k| {
+        let (a, b) = (s[2 * k], s[2 * k + 1]);
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(a, b), _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b))
+    });
+    // → in block b of u[k]: two partial sums of v[8k + b], two of v[8k + 4 + b].
+    let u: [__m512; 2] = std::array::from_fn(|k| {
+        let (a, b) = (t[2 * k], t[2 * k + 1]);
+        _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(a, b), _mm512_shuffle_ps::<0b11_10_11_10>(a, b))
+    });
+    // → lane 4b + q holds Σ v[4q + b]; one permutation puts them in order.
+    let w = _mm512_add_ps(_mm512_shuffle_ps::<0b10_00_10_00>(u[0], u[1]), _mm512_shuffle_ps::<0b11_01_11_01>(u[0], u[1]));
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let mut out = [0.0f32; 16];
+    _mm512_storeu_ps(out.as_mut_ptr(), _mm512_permutexvar_ps(order, w));
+    out
+}
+
+/// Weight rows `first..first + n` against activation rows `i0..i0 + M`, R rows at a time.
+#[inline(always)]
+unsafe fn tiles<F: Format, const R: usize, const M: usize>(f: F, x: &Activations, first: usize, n: usize, i0: usize, out: &mut [f32]) {
+    let mut j = first;
+    while j + R <= first + n {
+        tile::<F, R, M>(f, x, j, i0, out, first);
+        j += R;
+    }
+    while j < first + n {
+        tile::<F, 1, M>(f, x, j, i0, out, first);
+        j += 1;
+    }
+}
+
+/// All activation rows against weight rows `first..first + n`: 16 activation rows at a time,
+/// the rest in smaller tiles that take more weight rows at once (so short tiles still have
+/// several independent sums in flight).
+#[inline(always)]
+unsafe fn rows<F: Format>(f: F, x: &Activations, first: usize, n: usize, out: &mut [f32]) {
+    let mut i = 0;
+    while i < x.rows {
+        let left = x.rows - i;
+        i += if left >= 16 {
+            tiles::<F, 1, 16>(f, x, first, n, i, out);
+            16
+        } else if left >= 8 {
+            tiles::<F, 2, 8>(f, x, first, n, i, out);
+            8
+        } else if left >= 4 {
+            tiles::<F, 2, 4>(f, x, first, n, i, out);
+            4
+        } else if left >= 2 {
+            tiles::<F, 4, 2>(f, x, first, n, i, out);
+            2
+        } else {
+            tiles::<F, 4, 1>(f, x, first, n, i, out);
+            1
+        };
+    }
+}
+
+/// `out[(j − first)·m + i] = row_j · x_i` for rows `first..first + out.len()/m` of the `[· ×
+/// cols]` matrix `w` and the `m` rows of `x` (rounded for `w`'s format by `Activations::new`).
+///
+/// # Safety
+/// The CPU must have the instructions (`available()`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma")]
+pub unsafe fn gemv(w: Row, cols: usize, first: usize, x: &Activations, out: &mut [f32]) {
+    assert_eq!(x.kind, kind(w), "activations rounded for another format");
+    assert!(x.chunks == cols.div_ceil(per_chunk(x.kind)) && out.len().is_multiple_of(x.rows));
+    let n = out.len() / x.rows;
+    match w {
+        Row::F32(w) => {
+            assert!(w.len() >= (first + n) * cols);
+            rows(F32Rows { w, cols }, x, first, n, out)
+        }
+        Row::Bf16(w) => {
+            assert!(w.len() >= (first + n) * cols);
+            rows(Bf16Rows { w, cols }, x, first, n, out)
+        }
+        Row::Q8_0 { scale, q } => {
+            assert!(q.len() >= (first + n) * cols && scale.len() >= (first + n) * cols / BLOCK);
+            rows(Q8_0Rows { scale, q, cols }, x, first, n, out)
+        }
+        Row::Q4_1 { scale, min, q } => {
+            assert!(q.len() >= (first + n) * cols / 2 && scale.len() >= (first + n) * cols / BLOCK && min.len() == scale.len());
+            rows(Q4_1Rows { scale, min, q, cols }, x, first, n, out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::randn;
+    use crate::model::frozen::{FrozenMatrix, WeightFormat};
+    use crate::rng::Rng;
+
+    #[test]
+    fn every_format_and_tile_shape_equals_the_product_with_the_rounded_activations() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI/BF16 on this CPU");
+            return;
+        }
+        let mut rng = Rng::new(3);
+        // 96 columns: Q8_0/Q4_1 rows end in a lone block, f32/bf16 rows in a part chunk.
+        // Activation counts cover every tile shape (16, 8, 4, 2, 1) and their sums.
+        for (rows, cols) in [(13, 96), (8, 64), (5, 160)] {
+            let w = randn(&mut rng, rows * cols, 1.0);
+            for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8_0, WeightFormat::Q4_1] {
+                let fm = FrozenMatrix::new(rows, cols, w.clone(), format);
+                let values = fm.to_f32();
+                for m in [1, 2, 3, 5, 7, 12, 16, 31] {
+                    let x = randn(&mut rng, m * cols, 2.0);
+                    let acts = Activations::new(fm.view(), &x, m, cols);
+                    let xr = rounded(fm.view(), &x, cols);
+                    for first in [0, 1] {
+                        let n = rows - first;
+                        let mut out = vec![f32::NAN; n * m];
+                        // SAFETY: checked above.
+                        unsafe { gemv(fm.view(), cols, first, &acts, &mut out) };
+                        for j in 0..n {
+                            for i in 0..m {
+                                let want: f64 = (0..cols).map(|k| values[(first + j) * cols + k] as f64 * xr[i * cols + k] as f64).sum();
+                                let got = out[j * m + i] as f64;
+                                assert!(
+                                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                    "{format:?} {rows}x{cols} m={m} row {j} x {i}: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_is_within_each_formats_bound() {
+        let mut rng = Rng::new(5);
+        let x = randn(&mut rng, 4 * BLOCK, 3.0);
+        let q = [0i8; 4 * BLOCK];
+        let s = [1.0f32; 4];
+        let w = Row::Q8_0 { scale: &s, q: &q };
+        for (b, (got, want)) in rounded(w, &x, 4 * BLOCK).chunks(BLOCK).zip(x.chunks(BLOCK)).enumerate() {
+            let amax = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (g, v) in got.iter().zip(want) {
+                assert!((g - v).abs() <= amax / 254.0 * 1.0001, "block {b}: {g} vs {v}");
+            }
+        }
+        let bf = [0u16; 4 * BLOCK];
+        for (g, v) in rounded(Row::Bf16(&bf), &x, 4 * BLOCK).iter().zip(&x) {
+            assert!((g - v).abs() <= v.abs() / 256.0);
+        }
+    }
+}
