@@ -339,7 +339,9 @@ pub fn dequantize(w: Row, cols: usize, first: usize, out: &mut [f32]) {
 pub fn gemv_parallel(w: Row, rows: usize, cols: usize, x: &[f32], m: usize, y: &mut [f32], alpha: f32, accumulate: bool) {
     use rayon::prelude::*;
     assert_eq!(y.len(), m * rows);
-    let chunk = rows_per_task(rows);
+    // A small product (an adapter's B·u when decoding) runs as one task on this thread: handing
+    // work to another thread costs microseconds, more than the product itself.
+    let chunk = if rows * cols * m < SERIAL_MULTIPLY_ADDS { rows } else { rows_per_task(rows) };
     // Computed as [rows × m] so each task writes one contiguous stretch.
     let mut t = vec![0.0f32; rows * m];
     #[cfg(target_arch = "x86_64")]
@@ -394,6 +396,9 @@ pub fn dequantize_bf16_parallel(w: Row, cols: usize, first: usize, out: &mut [u1
         }
     });
 }
+
+/// Below this many multiply-adds `gemv_parallel` runs on the calling thread alone.
+const SERIAL_MULTIPLY_ADDS: usize = 1 << 16;
 
 /// Rows per parallel task: enough tasks to balance two to a few dozen threads, each a few KiB of
 /// weights at least, in whole tiles of four rows (`vnni`).
