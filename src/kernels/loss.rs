@@ -3,7 +3,8 @@
 //! chunk's logits turned into dL/dlogits in place and multiplied straight back into dL/dhidden.
 
 use super::amx;
-use super::gemv::{self, Row};
+use super::blocks::Row;
+use super::gemv;
 use super::matmul::DenseWeight;
 use rayon::prelude::*;
 

@@ -21,7 +21,7 @@ pub fn matmul(c: &mut [f32], a: &[f32], a_t: bool, b: &[f32], b_t: bool, m: usiz
     if m <= 4 && !a_t && b_t && n >= 256 {
         // Decoding: a few rows against a weight stored [n×k]. Streaming each weight row once through
         // a dot product per input row is memory-bound, which is the best a GEMV can be.
-        return super::gemv::gemv_parallel(super::gemv::Row::F32(b), n, k, a, m, c, alpha, accumulate);
+        return super::gemv::gemv_parallel(super::blocks::Row::F32(b), n, k, a, m, c, alpha, accumulate);
     }
     // Strides in elements: (row stride, column stride) of each operand as the product sees it.
     let (a_rs, a_cs) = if a_t { (1, m as isize) } else { (k as isize, 1) };

@@ -26,6 +26,7 @@ pub mod amx {
     }
 }
 pub mod attention;
+pub mod blocks;
 pub mod dropout;
 pub mod fastexp;
 pub mod gemv;

@@ -12,7 +12,7 @@
 //! What the products compute exactly — the weight's values times the activations as rounded here
 //! — is what `rounded` returns, and what the tests compare against.
 
-use super::gemv::{Row, BLOCK};
+use super::blocks::{Row, BLOCK};
 use std::arch::x86_64::*;
 
 /// Whether this CPU has the instructions (checked once).

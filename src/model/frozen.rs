@@ -6,7 +6,8 @@
 //! ones expanded into reused bf16 scratch instead of f32.
 
 use crate::kernels::amx;
-use crate::kernels::gemv::{self, Row, BLOCK};
+use crate::kernels::blocks::{Row, BLOCK};
+use crate::kernels::gemv;
 use crate::kernels::matmul::DenseWeight;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
