@@ -11,6 +11,7 @@
 //! instructions are inline assembly; `available()` also asks Linux for the tile state
 //! (arch_prctl ARCH_REQ_XCOMP_PERM), without which the first tile instruction would fault.
 
+use super::blocks::{quantize_block_avx512, BLOCK};
 use rayon::prelude::*;
 use std::arch::asm;
 use std::cell::Cell;
@@ -335,6 +336,168 @@ fn multiply(c: &mut [f32], a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usi
     });
 }
 
+// ---- Decode products of Q8_0 weights on AMX-INT8 tiles ----
+//
+// A decode step over a few sequences multiplies each weight with up to 16 activation rows. Here
+// the weight's rows are the A operand, read straight from memory (16 rows of 64 values per tile,
+// the row length as stride: nothing is repacked), the activations — 8-bit blocks of 32, rounded
+// as `blocks::quantize_block`, exactly as the `vnni` products round them — are B, packed once per
+// call. One `tdpbssd` gives the 16×16 integer dot products of a block; each block's sums are then
+// scaled by its weight and activation scales. Against `vnni`'s per-row instructions this does
+// about a tenth of the vector work, so the product is bound by reading the weight, as for one row.
+
+/// Whether `q8_0_product` runs on this CPU (AMX-INT8 besides the tile state).
+pub fn int8_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        // SAFETY: as in `available`.
+        #[allow(unused_unsafe)]
+        let leaf7 = unsafe { std::arch::x86_64::__cpuid_count(7, 0) };
+        available() && (leaf7.edx >> 25) & 1 == 1
+    })
+}
+
+/// Weight rows per block: two A tiles meet each B tile.
+const Q8_ROWS: usize = 32;
+
+/// Up to 16 activation rows, quantized in blocks of 32, as B tiles: per 64 values of depth two
+/// 1 KiB tiles, the first with the first block in its rows 0..8 (row r: for each activation row
+/// i, its values 4r..4r + 4) and zeros below, the second with the second block in rows 8..16 —
+/// so one 64-byte A tile meets each block alone. Rows past `m` are zero.
+pub struct Q8Rows {
+    m: usize,
+    cols: usize,
+    tiles: Vec<u8>,
+    /// `[blocks × 16]`: each block's scale per activation row.
+    scales: Vec<f32>,
+}
+
+impl Q8Rows {
+    /// Call only when `int8_available()`.
+    pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
+        assert!(int8_available() && (1..=16).contains(&m) && cols.is_multiple_of(64) && x.len() == m * cols, "Q8Rows: {m} rows of {cols}");
+        let blocks = cols / BLOCK;
+        let mut rows = Q8Rows { m, cols, tiles: vec![0; blocks * 1024], scales: vec![0.0; blocks * 16] };
+        for (i, row) in x.chunks_exact(cols).enumerate() {
+            for (b, block) in row.chunks_exact(BLOCK).enumerate() {
+                // SAFETY: `int8_available` implies AVX-512; the block has 32 values.
+                let (scale, q) = unsafe { quantize_block_avx512(block) };
+                let mut bytes = [0i8; BLOCK];
+                // SAFETY: 16 lanes of 32-bit values into 16 bytes each.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    _mm_storeu_si128(bytes.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q[0]));
+                    _mm_storeu_si128(bytes.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtepi32_epi8(q[1]));
+                }
+                rows.scales[b * 16 + i] = scale;
+                // Block b is half b % 2 of chunk b / 2: tile (b / 2)·2 + b % 2, rows from 8·(b % 2).
+                let tile = &mut rows.tiles[b * 1024..(b + 1) * 1024];
+                for r in 0..8 {
+                    for e in 0..4 {
+                        tile[(8 * (b % 2) + r) * 64 + 4 * i + e] = bytes[4 * r + e] as u8;
+                    }
+                }
+            }
+        }
+        rows
+    }
+}
+
+thread_local! {
+    static Q8_SCRATCH: Cell<(Vec<i8>, Vec<f32>)> = const { Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// `out[(j − first)·m + i] = W_j · x_i` for rows `first..first + n` of a Q8_0 weight (`q` the
+/// values, `scale` one per block, `cols` wide) and the activation rows of `x`.
+pub fn q8_0_product(scale: &[f32], q: &[i8], cols: usize, first: usize, n: usize, x: &Q8Rows, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let blocks = cols / BLOCK;
+    assert!(x.cols == cols && out.len() == n * x.m && (first + n) * cols <= q.len() && (first + n) * blocks <= scale.len());
+    configure_tiles();
+    let (mut pad_q, mut pad_scale) = Q8_SCRATCH.take();
+    #[repr(C, align(64))]
+    struct Sums([i32; 4 * 256]);
+    let mut c = Sums([0; 4 * 256]);
+    for j0 in (first..first + n).step_by(Q8_ROWS) {
+        let rows = Q8_ROWS.min(first + n - j0);
+        // A partial block runs on a copy padded with zero rows, so no tile reads past the weight.
+        let (wq, ws) = if rows == Q8_ROWS {
+            (&q[j0 * cols..(j0 + Q8_ROWS) * cols], &scale[j0 * blocks..(j0 + Q8_ROWS) * blocks])
+        } else {
+            pad_q.clear();
+            pad_q.extend_from_slice(&q[j0 * cols..(j0 + rows) * cols]);
+            pad_q.resize(Q8_ROWS * cols, 0);
+            pad_scale.clear();
+            pad_scale.extend_from_slice(&scale[j0 * blocks..(j0 + rows) * blocks]);
+            pad_scale.resize(Q8_ROWS * blocks, 0.0);
+            (&pad_q[..], &pad_scale[..])
+        };
+        let mut acc = [unsafe { _mm512_setzero_ps() }; Q8_ROWS];
+        for chunk in 0..cols / 64 {
+            // The next block's rows, a line each per chunk: its 32 rows are 32 streams, more
+            // than the hardware prefetcher follows.
+            for r in 0..Q8_ROWS {
+                // SAFETY: prefetching never faults; the address is only computed.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(q.as_ptr().wrapping_add((j0 + Q8_ROWS + r) * cols + 64 * chunk)) };
+            }
+            // SAFETY: tiles configured on this thread; 32 rows of `cols` bytes from `wq`, two
+            // B tiles of 1 KiB at chunk·2048, four C tiles in `c`.
+            unsafe { q8_kernel(wq.as_ptr().add(64 * chunk), cols, x.tiles.as_ptr().add(2048 * chunk), c.0.as_mut_ptr()) };
+            for half in 0..2 {
+                let b = 2 * chunk + half;
+                // SAFETY: AVX-512 (part of `available`); every read is inside `c`, `ws`, `x.scales`.
+                unsafe {
+                    let xs = _mm512_loadu_ps(x.scales.as_ptr().add(16 * b));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        // C tiles: rows 0..16 × (first, second block), rows 16..32 × (first, second).
+                        let tile = 2 * (r / 16) + half;
+                        let sums = _mm512_load_si512(c.0.as_ptr().add(256 * tile + 16 * (r % 16)) as *const __m512i);
+                        let s = _mm512_mul_ps(_mm512_set1_ps(ws[r * blocks + b]), xs);
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, *a);
+                    }
+                }
+            }
+        }
+        for (r, a) in acc.iter().take(rows).enumerate() {
+            let mut lanes = [0.0f32; 16];
+            // SAFETY: 16 f32 into a 16-element array.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
+            let j = j0 + r - first;
+            out[j * x.m..(j + 1) * x.m].copy_from_slice(&lanes[..x.m]);
+        }
+    }
+    Q8_SCRATCH.set((pad_q, pad_scale));
+}
+
+/// One 64-value chunk of 32 weight rows (`stride` bytes apart) against the two B tiles at `b`:
+/// C tiles 0..4 at `c` (rows 0..16 × first block, × second, rows 16..32 × first, × second).
+///
+/// # Safety
+/// Tiles configured on this thread; `a` readable for 32 rows of 64 bytes `stride` apart, `b` for
+/// 2 KiB, `c` writable for 4 KiB.
+#[inline(always)]
+unsafe fn q8_kernel(a: *const i8, stride: usize, b: *const u8, c: *mut i32) {
+    asm!(
+        "tileloadd tmm4, [{a0} + {stride}*1]",
+        "tileloadd tmm5, [{a1} + {stride}*1]",
+        "tileloadd tmm6, [{b0} + {row}*1]",
+        "tileloadd tmm7, [{b1} + {row}*1]",
+        "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+        "tdpbssd tmm0, tmm4, tmm6",
+        "tdpbssd tmm1, tmm4, tmm7",
+        "tdpbssd tmm2, tmm5, tmm6",
+        "tdpbssd tmm3, tmm5, tmm7",
+        "tilestored [{c0} + {row}*1], tmm0",
+        "tilestored [{c1} + {row}*1], tmm1",
+        "tilestored [{c2} + {row}*1], tmm2",
+        "tilestored [{c3} + {row}*1], tmm3",
+        a0 = in(reg) a, a1 = in(reg) a.add(16 * stride), stride = in(reg) stride,
+        b0 = in(reg) b, b1 = in(reg) b.add(1024), row = in(reg) 64usize,
+        c0 = in(reg) c, c1 = in(reg) c.add(256), c2 = in(reg) c.add(512), c3 = in(reg) c.add(768),
+        options(nostack)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,6 +540,44 @@ mod tests {
                     matmul_naive(&mut want, &ar, false, &wr, w_t, m, n, k, 0.5, acc);
                     let err = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
                     assert!(err < 1e-5 * k as f32 + 1e-6, "({m},{n},{k}) w_t={w_t} acc={acc}: {err}");
+                }
+            }
+        }
+    }
+    /// The Q8_0 tile product equals the f64 product of the weight's values and the activations
+    /// quantized as `blocks::quantize_block`, across row offsets and a partial last block.
+    #[test]
+    fn q8_0_products_match_naive_on_quantized_rows() {
+        if !int8_available() {
+            eprintln!("skipped: no AMX-INT8");
+            return;
+        }
+        use crate::kernels::blocks::{quantize_block, Row};
+        use crate::model::frozen::{FrozenMatrix, WeightFormat};
+        let mut rng = Rng::new(17);
+        let (rows, cols) = (70, 128);
+        let fm = FrozenMatrix::new(rows, cols, randn(&mut rng, rows * cols, 1.0), WeightFormat::Q8_0);
+        let values = fm.to_f32();
+        let Row::Q8_0 { scale, q } = fm.view() else { unreachable!("stored as Q8_0") };
+        for m in [1, 5, 16] {
+            let x = randn(&mut rng, m * cols, 1.0);
+            let xr: Vec<f32> = x
+                .chunks(BLOCK)
+                .flat_map(|b| {
+                    let (s, q) = quantize_block(b);
+                    q.map(|v| s * v as f32)
+                })
+                .collect();
+            let xt = Q8Rows::new(&x, m, cols);
+            for (first, n) in [(0, rows), (5, 40), (38, 32)] {
+                let mut out = vec![f32::NAN; n * m];
+                q8_0_product(scale, q, cols, first, n, &xt, &mut out);
+                for j in 0..n {
+                    for i in 0..m {
+                        let want: f64 = (0..cols).map(|k| values[(first + j) * cols + k] as f64 * xr[i * cols + k] as f64).sum();
+                        let got = out[j * m + i] as f64;
+                        assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "m={m} row {first}+{j} x {i}: {got} vs {want}");
+                    }
                 }
             }
         }

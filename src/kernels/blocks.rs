@@ -39,3 +39,35 @@ impl<'a> Row<'a> {
         }
     }
 }
+
+/// A block of 32 activations as 8-bit values and a scale: `x ≈ scale · q`, `|q| ≤ 127`, rounded
+/// to nearest even. The decode products (`vnni`, `amx`) round their activations this way for Q8_0
+/// and Q4_1 weights, so every batch size computes the same thing.
+pub fn quantize_block(x: &[f32]) -> (f32, [i8; BLOCK]) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let mut q = [0i8; BLOCK];
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    (scale, q)
+}
+
+/// `quantize_block` in AVX-512, with the same results: the scale and the values as two vectors of
+/// 16 (positions 0..16, 16..32) of 32-bit integers.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `x` holds 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn quantize_block_avx512(x: &[f32]) -> (f32, [std::arch::x86_64::__m512i; 2]) {
+    use std::arch::x86_64::*;
+    assert!(x.len() == BLOCK);
+    let (v0, v1) = (_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x.as_ptr().add(16)));
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    let scale = amax / 127.0;
+    let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+    // The default rounding mode: to nearest even.
+    (scale, [_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv))])
+}

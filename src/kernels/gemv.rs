@@ -308,13 +308,43 @@ pub fn gemv_parallel(w: Row, rows: usize, cols: usize, x: &[f32], m: usize, y: &
     // Computed as [rows × m] so each task writes one contiguous stretch.
     let mut t = vec![0.0f32; rows * m];
     #[cfg(target_arch = "x86_64")]
-    let done = super::vnni::available() && {
-        // The activations rounded once for all tasks, to the weight's dot-product type.
-        let acts = super::vnni::Activations::new(w, x, m, cols);
-        // SAFETY: `available()` checked that the CPU has the instructions.
-        t.par_chunks_mut(chunk * m).enumerate().for_each(|(c, o)| unsafe { super::vnni::gemv(w, cols, c * chunk, &acts, o) });
-        true
+    let done = match w {
+        Row::Q8_0 { scale, q } if m >= TILE_ROWS && cols.is_multiple_of(64) && super::amx::int8_available() => {
+            // On AMX-INT8 tiles, 16 activation rows at a time against 32-row weight blocks; the
+            // activations rounded as `vnni` rounds them, so results do not depend on the path.
+            let chunk = chunk.next_multiple_of(32);
+            let mut part = Vec::new();
+            for g in (0..m).step_by(16) {
+                let mg = 16.min(m - g);
+                let xq = super::amx::Q8Rows::new(&x[g * cols..(g + mg) * cols], mg, cols);
+                let dst: &mut [f32] = if mg == m {
+                    &mut t
+                } else {
+                    part.resize(rows * mg, 0.0);
+                    &mut part
+                };
+                dst.par_chunks_mut(chunk * mg)
+                    .enumerate()
+                    .for_each(|(c, o)| super::amx::q8_0_product(scale, q, cols, c * chunk, o.len() / mg, &xq, o));
+                if mg < m {
+                    for j in 0..rows {
+                        t[j * m + g..j * m + g + mg].copy_from_slice(&part[j * mg..(j + 1) * mg]);
+                    }
+                }
+            }
+            true
+        }
+        _ => false,
     };
+    #[cfg(target_arch = "x86_64")]
+    let done = done
+        || super::vnni::available() && {
+            // The activations rounded once for all tasks, to the weight's dot-product type.
+            let acts = super::vnni::Activations::new(w, x, m, cols);
+            // SAFETY: `available()` checked that the CPU has the instructions.
+            t.par_chunks_mut(chunk * m).enumerate().for_each(|(c, o)| unsafe { super::vnni::gemv(w, cols, c * chunk, &acts, o) });
+            true
+        };
     #[cfg(not(target_arch = "x86_64"))]
     let done = false;
     if !done {
@@ -359,6 +389,10 @@ pub fn dequantize_bf16_parallel(w: Row, cols: usize, first: usize, out: &mut [u1
         }
     });
 }
+
+/// From this many activation rows on, a Q8_0 product runs on AMX-INT8 tiles where the CPU has
+/// them (`amx::q8_0_product`).
+const TILE_ROWS: usize = 2;
 
 /// Below this many multiply-adds `gemv_parallel` runs on the calling thread alone.
 const SERIAL_MULTIPLY_ADDS: usize = 1 << 16;

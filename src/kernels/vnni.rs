@@ -12,7 +12,7 @@
 //! What the products compute exactly — the weight's values times the activations as rounded here
 //! — is what `rounded` returns, and what the tests compare against.
 
-use super::blocks::{Row, BLOCK};
+use super::blocks::{quantize_block, quantize_block_avx512, Row, BLOCK};
 use std::arch::x86_64::*;
 
 /// Whether this CPU has the instructions (checked once).
@@ -67,18 +67,6 @@ fn per_chunk(kind: Kind) -> usize {
         Kind::Bf16 => 32,
         Kind::Q8_0 | Kind::Q4_1 => 2 * BLOCK,
     }
-}
-
-/// A block of 32 activations as 8-bit values and a scale: `x ≈ scale · q`, `|q| ≤ 127`.
-fn quantize_block(x: &[f32]) -> (f32, [i8; BLOCK]) {
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let scale = amax / 127.0;
-    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    let mut q = [0i8; BLOCK];
-    for (q, &v) in q.iter_mut().zip(x) {
-        *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
-    }
-    (scale, q)
 }
 
 /// The activations of one call, rounded for the weight's format; each row padded with zeros to
@@ -161,13 +149,7 @@ impl Activations {
 /// `[a 0..16, b 0..16, a 16..32, b 16..32]`. Returns the scale and `Σ q`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn quantize_into(kind: Kind, block: &[f32], dst: &mut Chunk, half: usize) -> (f32, i32) {
-    assert!(block.len() == BLOCK);
-    let (v0, v1) = (_mm512_loadu_ps(block.as_ptr()), _mm512_loadu_ps(block.as_ptr().add(16)));
-    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    let scale = amax / 127.0;
-    let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
-    // Rounded to nearest even, as `quantize_block`.
-    let (q0, q1) = (_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)));
+    let (scale, [q0, q1]) = quantize_block_avx512(block);
     let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     let (q0, q1, at0, at1) = if kind == Kind::Q8_0 {
         let offset = _mm512_set1_epi32(128);

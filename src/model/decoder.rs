@@ -520,35 +520,49 @@ impl DecoderModel {
             y
         };
         let mut attend = |q_tok: &[f32], k_tok: &[f32], v_tok: &[f32]| {
+            use rayon::prelude::*;
             let (qd, kvd) = (heads * hd, kv_heads * hd);
-            let mut out = vec![0.0; q_tok.len()];
-            for s in seqs.iter_mut() {
-                let rows = s.start..s.start + s.new;
-                let (ql, kl) = (
-                    HeadLayout { batch: 1, seq: s.new, heads, head_dim: hd },
-                    HeadLayout { batch: 1, seq: s.new, heads: kv_heads, head_dim: hd },
-                );
-                let (mut q, mut k, mut v) = (vec![0.0; s.new * qd], vec![0.0; s.new * kvd], vec![0.0; s.new * kvd]);
-                to_heads(&q_tok[rows.start * qd..rows.end * qd], &mut q, ql, Some(&s.angles));
-                to_heads(&k_tok[rows.start * kvd..rows.end * kvd], &mut k, kl, Some(&s.angles));
-                to_heads(&v_tok[rows.start * kvd..rows.end * kvd], &mut v, kl, None);
-                s.cache.store(l, &k, &v, kv_heads, hd, s.new);
-                let past = s.cache.len;
-                let shape = AttnShape {
-                    batch: 1,
-                    heads,
-                    kv_heads,
-                    q_len: s.new,
-                    kv_len: past + s.new,
-                    kv_stride: s.cache.capacity,
-                    head_dim: hd,
-                    q_offset: past,
-                    window: c.sliding_window,
-                };
-                let mut attn = vec![0.0; q.len()];
-                let mut lse = vec![0.0; s.new * heads];
-                attention_forward(&q, &s.cache.k[l], &s.cache.v[l], &s.cache.visible, shape, &mut attn, &mut lse);
-                from_heads(&attn, &mut out[rows.start * qd..rows.end * qd], ql, None);
+            // The sequences in parallel, each against its own cache: a decode step's attention
+            // per sequence is too small to split well across threads by heads alone.
+            let per_seq: Vec<Vec<f32>> = seqs
+                .par_iter_mut()
+                .map(|s| {
+                    let rows = s.start..s.start + s.new;
+                    let (ql, kl) = (
+                        HeadLayout { batch: 1, seq: s.new, heads, head_dim: hd },
+                        HeadLayout { batch: 1, seq: s.new, heads: kv_heads, head_dim: hd },
+                    );
+                    let (mut q, mut k, mut v) = (vec![0.0; s.new * qd], vec![0.0; s.new * kvd], vec![0.0; s.new * kvd]);
+                    to_heads(&q_tok[rows.start * qd..rows.end * qd], &mut q, ql, Some(&s.angles));
+                    to_heads(&k_tok[rows.start * kvd..rows.end * kvd], &mut k, kl, Some(&s.angles));
+                    to_heads(&v_tok[rows.start * kvd..rows.end * kvd], &mut v, kl, None);
+                    s.cache.store(l, &k, &v, kv_heads, hd, s.new);
+                    let past = s.cache.len;
+                    let shape = AttnShape {
+                        batch: 1,
+                        heads,
+                        kv_heads,
+                        q_len: s.new,
+                        kv_len: past + s.new,
+                        kv_stride: s.cache.capacity,
+                        head_dim: hd,
+                        q_offset: past,
+                        window: c.sliding_window,
+                    };
+                    let mut attn = vec![0.0; q.len()];
+                    let mut lse = vec![0.0; s.new * heads];
+                    attention_forward(&q, &s.cache.k[l], &s.cache.v[l], &s.cache.visible, shape, &mut attn, &mut lse);
+                    let mut tokens = vec![0.0; s.new * qd];
+                    from_heads(&attn, &mut tokens, ql, None);
+                    tokens
+                })
+                .collect();
+            let mut out = Vec::with_capacity(q_tok.len());
+            // Sequences hold consecutive rows in order of `start` (see `step`).
+            let mut order: Vec<usize> = (0..seqs.len()).collect();
+            order.sort_by_key(|&i| seqs[i].start);
+            for i in order {
+                out.extend_from_slice(&per_seq[i]);
             }
             (out, None)
         };
