@@ -357,8 +357,8 @@ pub fn int8_available() -> bool {
     })
 }
 
-/// Weight rows per block: two A tiles meet each B tile.
-const Q8_ROWS: usize = 32;
+/// Weight rows per block of the decode products: two A tiles meet each B tile.
+const DECODE_ROWS: usize = 32;
 
 /// Up to 16 activation rows, quantized in blocks of 32, as B tiles: per 64 values of depth two
 /// 1 KiB tiles, the first with the first block in its rows 0..8 (row r: for each activation row
@@ -418,27 +418,27 @@ pub fn q8_0_product(scale: &[f32], q: &[i8], cols: usize, first: usize, n: usize
     #[repr(C, align(64))]
     struct Sums([i32; 4 * 256]);
     let mut c = Sums([0; 4 * 256]);
-    for j0 in (first..first + n).step_by(Q8_ROWS) {
-        let rows = Q8_ROWS.min(first + n - j0);
+    for j0 in (first..first + n).step_by(DECODE_ROWS) {
+        let rows = DECODE_ROWS.min(first + n - j0);
         // A partial block runs on a copy padded with zero rows, so no tile reads past the weight.
-        let (wq, ws) = if rows == Q8_ROWS {
-            (&q[j0 * cols..(j0 + Q8_ROWS) * cols], &scale[j0 * blocks..(j0 + Q8_ROWS) * blocks])
+        let (wq, ws) = if rows == DECODE_ROWS {
+            (&q[j0 * cols..(j0 + DECODE_ROWS) * cols], &scale[j0 * blocks..(j0 + DECODE_ROWS) * blocks])
         } else {
             pad_q.clear();
             pad_q.extend_from_slice(&q[j0 * cols..(j0 + rows) * cols]);
-            pad_q.resize(Q8_ROWS * cols, 0);
+            pad_q.resize(DECODE_ROWS * cols, 0);
             pad_scale.clear();
             pad_scale.extend_from_slice(&scale[j0 * blocks..(j0 + rows) * blocks]);
-            pad_scale.resize(Q8_ROWS * blocks, 0.0);
+            pad_scale.resize(DECODE_ROWS * blocks, 0.0);
             (&pad_q[..], &pad_scale[..])
         };
-        let mut acc = [unsafe { _mm512_setzero_ps() }; Q8_ROWS];
+        let mut acc = [unsafe { _mm512_setzero_ps() }; DECODE_ROWS];
         for chunk in 0..cols / 64 {
             // The next block's rows, a line each per chunk: its 32 rows are 32 streams, more
             // than the hardware prefetcher follows.
-            for r in 0..Q8_ROWS {
+            for r in 0..DECODE_ROWS {
                 // SAFETY: prefetching never faults; the address is only computed.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(q.as_ptr().wrapping_add((j0 + Q8_ROWS + r) * cols + 64 * chunk)) };
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(q.as_ptr().wrapping_add((j0 + DECODE_ROWS + r) * cols + 64 * chunk)) };
             }
             // SAFETY: tiles configured on this thread; 32 rows of `cols` bytes from `wq`, two
             // B tiles of 1 KiB at chunk·2048, four C tiles in `c`.
@@ -496,6 +496,101 @@ unsafe fn q8_kernel(a: *const i8, stride: usize, b: *const u8, c: *mut i32) {
         c0 = in(reg) c, c1 = in(reg) c.add(256), c2 = in(reg) c.add(512), c3 = in(reg) c.add(768),
         options(nostack)
     );
+}
+
+// ---- Decode products of bf16 weights on AMX-BF16 tiles ----
+//
+// As for Q8_0 above: the weight's rows are the A operand straight from memory, the activations
+// (rounded to bf16, as `vnni`'s bf16 products round them) are B, packed once per call, and the
+// two C tiles accumulate over the whole depth.
+
+/// Up to 16 activation rows as B tiles: per 32 values of depth one 1 KiB tile, whose row p holds
+/// for each activation row i the bf16 pair at depths 2p, 2p + 1 (rows past `m` zero).
+pub struct Bf16Rows {
+    m: usize,
+    cols: usize,
+    tiles: Vec<u16>,
+}
+
+impl Bf16Rows {
+    pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
+        assert!((1..=16).contains(&m) && cols.is_multiple_of(KR) && x.len() == m * cols, "Bf16Rows: {m} rows of {cols}");
+        let mut tiles = vec![0u16; cols / KR * 512];
+        for (i, row) in x.chunks_exact(cols).enumerate() {
+            for (tile, block) in tiles.chunks_exact_mut(512).zip(row.chunks_exact(KR)) {
+                for (p, pair) in block.chunks_exact(2).enumerate() {
+                    tile[32 * p + 2 * i] = to_bf16(pair[0]);
+                    tile[32 * p + 2 * i + 1] = to_bf16(pair[1]);
+                }
+            }
+        }
+        Bf16Rows { m, cols, tiles }
+    }
+}
+
+thread_local! {
+    static BF16_SCRATCH: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+}
+
+/// `out[(j − first)·m + i] = W_j · x_i` for rows `first..first + n` of a bf16 weight `w` (`cols`
+/// wide) and the activation rows of `x`. Call only when `available()`.
+pub fn bf16_product(w: &[u16], cols: usize, first: usize, n: usize, x: &Bf16Rows, out: &mut [f32]) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    assert!(available() && x.cols == cols && out.len() == n * x.m && (first + n) * cols <= w.len());
+    configure_tiles();
+    let mut pad = BF16_SCRATCH.take();
+    #[repr(C, align(64))]
+    struct Sums([f32; 2 * 256]);
+    let mut c = Sums([0.0; 2 * 256]);
+    for j0 in (first..first + n).step_by(DECODE_ROWS) {
+        let rows = DECODE_ROWS.min(first + n - j0);
+        // A partial block runs on a copy padded with zero rows, so no tile reads past the weight.
+        let a = if rows == DECODE_ROWS {
+            &w[j0 * cols..(j0 + DECODE_ROWS) * cols]
+        } else {
+            pad.clear();
+            pad.extend_from_slice(&w[j0 * cols..(j0 + rows) * cols]);
+            pad.resize(DECODE_ROWS * cols, 0);
+            &pad[..]
+        };
+        // SAFETY (all asm below): tiles configured on this thread; `a` is 32 rows of `cols`
+        // values, read 32 at a time per step; the B operand has cols/32 tiles of 1 KiB; `c` holds
+        // two C tiles. No code between the blocks uses tile registers.
+        unsafe { asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem)) };
+        for step in 0..cols / KR {
+            // The next block's rows, a line each per step (32 streams: more than the hardware
+            // prefetcher follows).
+            for r in 0..DECODE_ROWS {
+                // SAFETY: prefetching never faults; the address is only computed.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add((j0 + DECODE_ROWS + r) * cols + KR * step) as *const i8) };
+            }
+            unsafe {
+                asm!(
+                    "tileloadd tmm6, [{b} + {row}*1]",
+                    "tileloadd tmm4, [{a0} + {stride}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm5, [{a1} + {stride}*1]",
+                    "tdpbf16ps tmm1, tmm5, tmm6",
+                    a0 = in(reg) a.as_ptr().add(KR * step), a1 = in(reg) a.as_ptr().add(16 * cols + KR * step),
+                    stride = in(reg) 2 * cols, b = in(reg) x.tiles.as_ptr().add(512 * step), row = in(reg) 64usize,
+                    options(nostack, readonly)
+                )
+            };
+        }
+        unsafe {
+            asm!(
+                "tilestored [{c0} + {row}*1], tmm0",
+                "tilestored [{c1} + {row}*1], tmm1",
+                c0 = in(reg) c.0.as_mut_ptr(), c1 = in(reg) c.0.as_mut_ptr().add(256), row = in(reg) 64usize,
+                options(nostack)
+            )
+        };
+        for r in 0..rows {
+            let j = j0 + r - first;
+            out[j * x.m..(j + 1) * x.m].copy_from_slice(&c.0[16 * r..16 * r + x.m]);
+        }
+    }
+    BF16_SCRATCH.set(pad);
 }
 
 #[cfg(test)]
@@ -572,6 +667,34 @@ mod tests {
             for (first, n) in [(0, rows), (5, 40), (38, 32)] {
                 let mut out = vec![f32::NAN; n * m];
                 q8_0_product(scale, q, cols, first, n, &xt, &mut out);
+                for j in 0..n {
+                    for i in 0..m {
+                        let want: f64 = (0..cols).map(|k| values[(first + j) * cols + k] as f64 * xr[i * cols + k] as f64).sum();
+                        let got = out[j * m + i] as f64;
+                        assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "m={m} row {first}+{j} x {i}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+    /// The bf16 tile product equals the f64 product of the weight and the activations rounded to
+    /// bf16, across row offsets and a partial last block.
+    #[test]
+    fn bf16_decode_products_match_naive_on_rounded_rows() {
+        if !available() {
+            eprintln!("skipped: no AMX-BF16");
+            return;
+        }
+        let mut rng = Rng::new(19);
+        let (rows, cols) = (70, 96);
+        let w: Vec<u16> = randn(&mut rng, rows * cols, 1.0).iter().map(|&v| to_bf16(v)).collect();
+        let values: Vec<f32> = w.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+        for m in [1, 5, 16] {
+            let x = randn(&mut rng, m * cols, 1.0);
+            let (xt, xr) = (Bf16Rows::new(&x, m, cols), bf16_round(&x));
+            for (first, n) in [(0, rows), (5, 40), (38, 32)] {
+                let mut out = vec![f32::NAN; n * m];
+                bf16_product(&w, cols, first, n, &xt, &mut out);
                 for j in 0..n {
                     for i in 0..m {
                         let want: f64 = (0..cols).map(|k| values[(first + j) * cols + k] as f64 * xr[i * cols + k] as f64).sum();

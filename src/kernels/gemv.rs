@@ -309,29 +309,18 @@ pub fn gemv_parallel(w: Row, rows: usize, cols: usize, x: &[f32], m: usize, y: &
     let mut t = vec![0.0f32; rows * m];
     #[cfg(target_arch = "x86_64")]
     let done = match w {
+        // On AMX tiles from TILE_ROWS rows on, the activations rounded as `vnni` rounds them (so
+        // results do not depend on the path): 8-bit blocks for Q8_0, bf16 for bf16.
         Row::Q8_0 { scale, q } if m >= TILE_ROWS && cols.is_multiple_of(64) && super::amx::int8_available() => {
-            // On AMX-INT8 tiles, 16 activation rows at a time against 32-row weight blocks; the
-            // activations rounded as `vnni` rounds them, so results do not depend on the path.
-            let chunk = chunk.next_multiple_of(32);
-            let mut part = Vec::new();
-            for g in (0..m).step_by(16) {
-                let mg = 16.min(m - g);
-                let xq = super::amx::Q8Rows::new(&x[g * cols..(g + mg) * cols], mg, cols);
-                let dst: &mut [f32] = if mg == m {
-                    &mut t
-                } else {
-                    part.resize(rows * mg, 0.0);
-                    &mut part
-                };
-                dst.par_chunks_mut(chunk * mg)
-                    .enumerate()
-                    .for_each(|(c, o)| super::amx::q8_0_product(scale, q, cols, c * chunk, o.len() / mg, &xq, o));
-                if mg < m {
-                    for j in 0..rows {
-                        t[j * m + g..j * m + g + mg].copy_from_slice(&part[j * mg..(j + 1) * mg]);
-                    }
-                }
-            }
+            tile_groups(&mut t, x, m, cols, chunk, super::amx::Q8Rows::new, |xq, first, n, o| {
+                super::amx::q8_0_product(scale, q, cols, first, n, xq, o)
+            });
+            true
+        }
+        Row::Bf16(wb) if m >= TILE_ROWS && cols.is_multiple_of(32) && super::amx::available() => {
+            tile_groups(&mut t, x, m, cols, chunk, super::amx::Bf16Rows::new, |xb, first, n, o| {
+                super::amx::bf16_product(wb, cols, first, n, xb, o)
+            });
             true
         }
         _ => false,
@@ -369,6 +358,41 @@ pub fn activations_as_taken(w: Row, x: &[f32], cols: usize) -> Vec<f32> {
     x.to_vec()
 }
 
+/// `t[rows × m]` (see `gemv_parallel`) from a tile product: the activations prepared 16 rows at
+/// a time (`prepare(rows, count, cols)`), each group multiplied by tasks of `chunk` weight rows
+/// (rounded up to whole 32-row tile blocks), `product(prepared, first row, rows, out)`.
+#[cfg(target_arch = "x86_64")]
+fn tile_groups<P: Sync>(
+    t: &mut [f32],
+    x: &[f32],
+    m: usize,
+    cols: usize,
+    chunk: usize,
+    prepare: impl Fn(&[f32], usize, usize) -> P,
+    product: impl Fn(&P, usize, usize, &mut [f32]) + Sync,
+) {
+    use rayon::prelude::*;
+    let rows = t.len() / m;
+    let chunk = chunk.next_multiple_of(32);
+    let mut part = Vec::new();
+    for g in (0..m).step_by(16) {
+        let mg = 16.min(m - g);
+        let prepared = prepare(&x[g * cols..(g + mg) * cols], mg, cols);
+        let dst: &mut [f32] = if mg == m {
+            &mut *t
+        } else {
+            part.resize(rows * mg, 0.0);
+            &mut part
+        };
+        dst.par_chunks_mut(chunk * mg).enumerate().for_each(|(c, o)| product(&prepared, c * chunk, o.len() / mg, o));
+        if mg < m {
+            for j in 0..rows {
+                t[j * m + g..j * m + g + mg].copy_from_slice(&part[j * mg..(j + 1) * mg]);
+            }
+        }
+    }
+}
+
 /// Rows `first..first + out.len()/cols` of the matrix `w` as f32 into `out`, in parallel.
 pub fn dequantize_parallel(w: Row, cols: usize, first: usize, out: &mut [f32]) {
     use rayon::prelude::*;
@@ -390,10 +414,11 @@ pub fn dequantize_bf16_parallel(w: Row, cols: usize, first: usize, out: &mut [u1
     });
 }
 
-/// From this many activation rows on, a Q8_0 product runs on AMX-INT8 tiles where the CPU has
-/// them (`amx::q8_0_product`): its per-block scaling costs the same for 1 row as for 16, so below
-/// this `vnni`'s products are faster (SmolLM2 decode, 2 threads, tokens/s vnni vs tiles: 2 rows
-/// 140-148 vs 108, 4 rows 163-204 vs 140-173, 8 rows 189-270 vs 274-330).
+/// From this many activation rows on, Q8_0 and bf16 products run on AMX tiles where the CPU has
+/// them (`amx::q8_0_product`, `amx::bf16_product`): a tile's work is the same for 1 row as for
+/// 16, so below this `vnni`'s products are faster (SmolLM2 Q8_0 decode, 2 threads, tokens/s vnni
+/// vs tiles: 2 rows 140-148 vs 108, 4 rows 163-204 vs 140-173, 8 rows 189-270 vs 274-330; bf16 at
+/// 8 rows even, at 16 rows 228-252 vs 325-369).
 const TILE_ROWS: usize = 8;
 
 /// Below this many multiply-adds `gemv_parallel` runs on the calling thread alone.
