@@ -163,9 +163,38 @@ pub(crate) fn linear_forward(
 /// y += scale·(x·Aᵀ)·Bᵀ over `rows` rows; returns u = x·Aᵀ (`[rows, r]`).
 fn add_lowrank(lr: &LowRank, x: &[f32], rows: usize, inf: usize, outf: usize, y: &mut [f32]) -> Vec<f32> {
     let mut u = vec![0.0; rows * lr.r];
+    if rows <= DIRECT_LOWRANK_ROWS {
+        // A decode step's rows, each on its own adapter: a few thousand multiply-adds per row,
+        // less than the set-up of a GEMM call, so plain loops.
+        for ((xr, ur), yr) in x.chunks_exact(inf).zip(u.chunks_exact_mut(lr.r)).zip(y.chunks_exact_mut(outf)) {
+            for (uk, ak) in ur.iter_mut().zip(lr.a.chunks_exact(inf)) {
+                *uk = dot(xr, ak);
+            }
+            for (yo, bo) in yr.iter_mut().zip(lr.b.chunks_exact(lr.r)) {
+                *yo += lr.scale * dot(bo, ur);
+            }
+        }
+        return u;
+    }
     matmul(&mut u, x, false, lr.a, true, rows, lr.r, inf, 1.0, false);
     matmul(y, &u, false, lr.b, true, rows, outf, lr.r, lr.scale, true);
     u
+}
+
+/// Up to this many rows the low-rank products run as plain loops (`add_lowrank`).
+const DIRECT_LOWRANK_ROWS: usize = 4;
+
+/// `a · b` in eight running sums (so the compiler keeps them in vector lanes).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Backward of `linear_forward`: accumulates dA, dB into `grads`, and writes (or, with
@@ -230,5 +259,32 @@ pub(crate) fn linear_forward_segments(lin: &Linear, segments: &[Segment], x: &[f
         let Some(lr) = seg.lowrank else { continue };
         let (xs, ys) = (&x[seg.rows.start * inf..seg.rows.end * inf], &mut y[seg.rows.start * outf..seg.rows.end * outf]);
         add_lowrank(&lr, xs, seg.rows.len(), inf, outf, ys);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::randn;
+    use crate::rng::Rng;
+
+    /// The plain loops for a few rows and the GEMMs for many compute the same update.
+    #[test]
+    fn low_rank_update_is_the_same_for_few_rows_and_many() {
+        let mut rng = Rng::new(23);
+        let (inf, outf, r, rows) = (40, 24, 3, DIRECT_LOWRANK_ROWS + 3);
+        let (a, b) = (randn(&mut rng, r * inf, 1.0), randn(&mut rng, outf * r, 1.0));
+        let lr = LowRank { a: &a, b: &b, r, scale: 0.7, dropout: 0.0, grad_offset: 0 };
+        let x = randn(&mut rng, rows * inf, 1.0);
+        let y0 = randn(&mut rng, rows * outf, 1.0);
+        let mut many = y0.clone();
+        let u_many = add_lowrank(&lr, &x, rows, inf, outf, &mut many);
+        for i in 0..rows {
+            let mut one = y0[i * outf..(i + 1) * outf].to_vec();
+            let u_one = add_lowrank(&lr, &x[i * inf..(i + 1) * inf], 1, inf, outf, &mut one);
+            for (got, want) in one.iter().zip(&many[i * outf..(i + 1) * outf]).chain(u_one.iter().zip(&u_many[i * r..(i + 1) * r])) {
+                assert!((got - want).abs() < 1e-4, "row {i}: {got} vs {want}");
+            }
+        }
     }
 }
