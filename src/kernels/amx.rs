@@ -378,6 +378,16 @@ impl Q8Rows {
         assert!(int8_available() && (1..=16).contains(&m) && cols.is_multiple_of(64) && x.len() == m * cols, "Q8Rows: {m} rows of {cols}");
         let blocks = cols / BLOCK;
         let mut rows = Q8Rows { m, cols, tiles: vec![0; blocks * 1024], scales: vec![0.0; blocks * 16] };
+        // SAFETY: `int8_available` implies AVX-512.
+        unsafe { rows.fill(x) };
+        rows
+    }
+
+    /// Quantizes `x` into the tiles and scales, compiled for AVX-512.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn fill(&mut self, x: &[f32]) {
+        let cols = self.cols;
+        let rows = self;
         for (i, row) in x.chunks_exact(cols).enumerate() {
             for (b, block) in row.chunks_exact(BLOCK).enumerate() {
                 // SAFETY: `int8_available` implies AVX-512; the block has 32 values.
@@ -399,7 +409,6 @@ impl Q8Rows {
                 }
             }
         }
-        rows
     }
 }
 
@@ -410,6 +419,14 @@ thread_local! {
 /// `out[(j − first)·m + i] = W_j · x_i` for rows `first..first + n` of a Q8_0 weight (`q` the
 /// values, `scale` one per block, `cols` wide) and the activation rows of `x`.
 pub fn q8_0_product(scale: &[f32], q: &[i8], cols: usize, first: usize, n: usize, x: &Q8Rows, out: &mut [f32]) {
+    assert!(int8_available(), "q8_0_product needs AMX-INT8");
+    // SAFETY: AMX implies AVX-512 (`available` checks both).
+    unsafe { q8_0_product_avx512(scale, q, cols, first, n, x, out) }
+}
+
+/// `q8_0_product` compiled for AVX-512, so that its intrinsics inline whatever the build's CPU.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn q8_0_product_avx512(scale: &[f32], q: &[i8], cols: usize, first: usize, n: usize, x: &Q8Rows, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let blocks = cols / BLOCK;
     assert!(x.cols == cols && out.len() == n * x.m && (first + n) * cols <= q.len() && (first + n) * blocks <= scale.len());
@@ -432,13 +449,13 @@ pub fn q8_0_product(scale: &[f32], q: &[i8], cols: usize, first: usize, n: usize
             pad_scale.resize(DECODE_ROWS * blocks, 0.0);
             (&pad_q[..], &pad_scale[..])
         };
-        let mut acc = [unsafe { _mm512_setzero_ps() }; DECODE_ROWS];
+        let mut acc = [_mm512_setzero_ps(); DECODE_ROWS];
         for chunk in 0..cols / 64 {
             // The next block's rows, a line each per chunk: its 32 rows are 32 streams, more
             // than the hardware prefetcher follows.
             for r in 0..DECODE_ROWS {
-                // SAFETY: prefetching never faults; the address is only computed.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(q.as_ptr().wrapping_add((j0 + DECODE_ROWS + r) * cols + 64 * chunk)) };
+                // Prefetching never faults; the address is only computed.
+                _mm_prefetch::<_MM_HINT_T0>(q.as_ptr().wrapping_add((j0 + DECODE_ROWS + r) * cols + 64 * chunk));
             }
             // SAFETY: tiles configured on this thread; 32 rows of `cols` bytes from `wq`, two
             // B tiles of 1 KiB at chunk·2048, four C tiles in `c`.
