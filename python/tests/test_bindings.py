@@ -10,6 +10,7 @@ from __future__ import annotations
 import _thread
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -214,12 +215,20 @@ def test_train_from_records_returns_metrics_and_a_peft_adapter(model: lowrank.Mo
     assert [m["loss"] for m in lines if "loss" in m] == result.losses
 
 
-def test_ctrl_c_writes_a_checkpoint_and_raises(model: lowrank.Model, tmp_path: Path) -> None:
+@pytest.fixture
+def ctrl_c_raises():
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored,
+    # and then `_thread.interrupt_main()` does nothing; give SIGINT Python's handler, as a
+    # terminal's Ctrl-C has it.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_writes_a_checkpoint_and_raises(model: lowrank.Model, tmp_path: Path, ctrl_c_raises: None) -> None:
     out = tmp_path / "run"
 
     def interrupt(m: dict) -> None:
-        # After every step, not just the first: a simulated Ctrl-C once went unseen in one CI
-        # run (of many), and the run then trained all its steps.
         _thread.interrupt_main()
 
     t = time.monotonic()
