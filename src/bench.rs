@@ -296,16 +296,25 @@ pub fn gemm(n: usize, repeats: usize) -> Result<Value> {
     };
     let square = run(n, n, n);
     let step_shape = run(512, 576, 1536);
+    // The bf16 products of a training step on AMX, as (m, k, n): SmolLM2's gate/up and down
+    // projections over 512 tokens, and a 4096-row block of its LM head for 256 tokens; each
+    // forward (`a · Wᵀ`) and input gradient (`a · W`).
     let bf16 = crate::kernels::amx::available().then(|| {
         use crate::kernels::amx::{matmul_bf16, Weight};
-        let (m, nn, k) = (512, 576, 1536);
-        let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
-        let w: Vec<u16> = (0..nn * k).map(|_| half::bf16::from_f32(rng.normal()).to_bits()).collect();
-        let mut c = vec![0.0; m * nn];
-        gflops(m * k * nn, repeats, || matmul_bf16(&mut c, &a, m, k, Weight::Nk(&w), nn, 1.0, false))
+        let mut shapes = serde_json::Map::new();
+        for (m, k, nn) in [(512, 576, 1536), (512, 1536, 576), (256, 576, 4096)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let g: Vec<f32> = (0..m * nn).map(|_| rng.normal()).collect();
+            let w: Vec<u16> = (0..nn * k).map(|_| half::bf16::from_f32(rng.normal()).to_bits()).collect();
+            let (mut c, mut dx) = (vec![0.0; m * nn], vec![0.0; m * k]);
+            let forward = gflops(m * k * nn, repeats, || matmul_bf16(&mut c, &a, m, k, Weight::Nk(&w), nn, 1.0, false));
+            let backward = gflops(m * k * nn, repeats, || matmul_bf16(&mut dx, &g, m, nn, Weight::Kn(&w), k, 1.0, false));
+            shapes.insert(format!("{m}x{k}x{nn}"), json!({"forward": forward, "input_gradient": backward}));
+        }
+        shapes
     });
     Ok(json!({"bench": "sgemm", "impl": "lowrank (gemm crate)", "n": n, "threads": rayon::current_num_threads(),
-           "median_gflops": square, "gflops_512x576x1536": step_shape, "bf16_amx_gflops_512x576x1536": bf16}))
+           "median_gflops": square, "gflops_512x576x1536": step_shape, "bf16_amx_gflops": bf16}))
 }
 
 /// GFLOP/s of `product` (`multiply_adds` of them), median over `repeats` timed runs after one

@@ -11,6 +11,7 @@
 //! instructions are inline assembly; `available()` also asks Linux for the tile state
 //! (arch_prctl ARCH_REQ_XCOMP_PERM), without which the first tile instruction would fault.
 
+use super::aligned::AlignedVec;
 use super::blocks::{quantize_block_avx512, BLOCK};
 use rayon::prelude::*;
 use std::arch::asm;
@@ -62,8 +63,8 @@ struct TileConfig {
 
 thread_local! {
     static CONFIGURED: Cell<bool> = const { Cell::new(false) };
-    static A_SCRATCH: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
-    static B_SCRATCH: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+    static A_SCRATCH: Cell<AlignedVec<u16>> = const { Cell::new(AlignedVec::new()) };
+    static B_SCRATCH: Cell<AlignedVec<u16>> = const { Cell::new(AlignedVec::new()) };
 }
 
 /// Loads the tile configuration once per thread (the OS saves it with the thread's state).
@@ -160,15 +161,15 @@ pub fn matmul_bf16(c: &mut [f32], a: &[f32], m: usize, k: usize, w: Weight, n: u
 /// Sizes `out` for a packed operand of `len` values. Depth padding (`k < kp`) must be zero, or
 /// garbage could meet garbage in the sum; padding rows and columns only reach results that are
 /// dropped, so when the depth is whole the old contents are left to be overwritten (no memset).
-fn prepare(out: &mut Vec<u16>, len: usize, k: usize, kp: usize) {
+fn prepare(out: &mut AlignedVec<u16>, len: usize, k: usize, kp: usize) {
     if k < kp {
         out.clear();
     }
-    out.resize(len, 0);
+    out.resize(len);
 }
 
 /// `a` as bf16 rows of `kp` values, `mp` rows (rows past `m` are padding).
-fn pack_a(a: &[f32], m: usize, k: usize, mp: usize, kp: usize, out: &mut Vec<u16>) {
+fn pack_a(a: &[f32], m: usize, k: usize, mp: usize, kp: usize, out: &mut AlignedVec<u16>) {
     prepare(out, mp * kp, k, kp);
     out.par_chunks_mut(kp * 16).enumerate().for_each(|(chunk, dst)| {
         for (i, row) in dst.chunks_mut(kp).enumerate() {
@@ -184,7 +185,7 @@ fn pack_a(a: &[f32], m: usize, k: usize, mp: usize, kp: usize, out: &mut Vec<u16
 
 /// Panels of 16 columns of `Wᵀ` for `W [n × k]`: in panel p, tile row j of depth block t holds
 /// `W[16p + c][32t + 2j .. 32t + 2j + 2]` for c = 0..16 — 32-bit pairs of each weight row, transposed.
-fn pack_nk(w: &[u16], n: usize, k: usize, np: usize, kp: usize, out: &mut Vec<u16>) {
+fn pack_nk(w: &[u16], n: usize, k: usize, np: usize, kp: usize, out: &mut AlignedVec<u16>) {
     prepare(out, np * kp, k, kp);
     out.par_chunks_mut(16 * kp).enumerate().for_each(|(p, panel)| {
         let rows = 16.min(n.saturating_sub(16 * p));
@@ -241,7 +242,7 @@ unsafe fn transpose_pairs_16x16(src: *const u16, row_len: usize, tile: &mut [u16
 
 /// Panels of 16 columns of `W [k × n]`: in panel p, tile row j (over all depth) holds
 /// `W[2j][16p + c], W[2j + 1][16p + c]` for c = 0..16 — two weight rows interleaved.
-fn pack_kn(w: &[u16], k: usize, n: usize, np: usize, kp: usize, out: &mut Vec<u16>) {
+fn pack_kn(w: &[u16], k: usize, n: usize, np: usize, kp: usize, out: &mut AlignedVec<u16>) {
     prepare(out, np * kp, k, kp);
     // Four panels per task: each weight row is then read 128 bytes (two cache lines) at a time.
     const PANELS: usize = 4;
@@ -300,6 +301,10 @@ impl SharedC {
 unsafe impl Send for SharedC {}
 unsafe impl Sync for SharedC {}
 
+/// One 32×32 block of C as the tile stores write it (aligned: see `aligned`).
+#[repr(C, align(64))]
+struct Block([f32; MR * NR]);
+
 /// C blocks of 32×32 computed by rayon tasks of 4×2 blocks; each task writes only its own rows ×
 /// columns of `c`.
 #[allow(clippy::too_many_arguments)]
@@ -312,16 +317,16 @@ fn multiply(c: &mut [f32], a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usi
     (0..tasks_m * tasks_n).into_par_iter().for_each(|task| {
         configure_tiles();
         let (tm, tn) = (task % tasks_m, task / tasks_m);
-        let mut block = [0.0f32; MR * NR];
+        let mut block = Block([0.0; MR * NR]);
         for nb in tn * TASK_N..((tn + 1) * TASK_N).min(n_blocks) {
             let panels = &b16[2 * nb * 16 * kp..(2 * nb + 2) * 16 * kp];
             for mb in tm * TASK_M..((tm + 1) * TASK_M).min(m_blocks) {
                 let a_rows = &a16[mb * MR * kp..(mb + 1) * MR * kp];
                 // SAFETY: tiles configured above; `a_rows` is 32 rows of kp bf16, each panel
                 // kp/32 tiles of 1 KiB, `block` 32×32 f32.
-                unsafe { microkernel(a_rows.as_ptr(), 2 * kp, panels.as_ptr(), panels[16 * kp..].as_ptr(), kp / KR, block.as_mut_ptr()) };
+                unsafe { microkernel(a_rows.as_ptr(), 2 * kp, panels.as_ptr(), panels[16 * kp..].as_ptr(), kp / KR, block.0.as_mut_ptr()) };
                 let (rows, cols) = ((m - mb * MR).min(MR), (n - nb * NR).min(NR));
-                for (i, src) in block.chunks(NR).take(rows).enumerate() {
+                for (i, src) in block.0.chunks(NR).take(rows).enumerate() {
                     // SAFETY: row mb·32 + i < m and columns nb·32 .. +cols < n lie in `c`, and no
                     // other task has this (mb, nb) block.
                     let dst = unsafe { std::slice::from_raw_parts_mut(shared.at((mb * MR + i) * n + nb * NR), cols) };
@@ -367,7 +372,7 @@ const DECODE_ROWS: usize = 32;
 pub struct Q8Rows {
     m: usize,
     cols: usize,
-    tiles: Vec<u8>,
+    tiles: AlignedVec<u8>,
     /// `[blocks × 16]`: each block's scale per activation row.
     scales: Vec<f32>,
 }
@@ -377,7 +382,7 @@ impl Q8Rows {
     pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
         assert!(int8_available() && (1..=16).contains(&m) && cols.is_multiple_of(64) && x.len() == m * cols, "Q8Rows: {m} rows of {cols}");
         let blocks = cols / BLOCK;
-        let mut rows = Q8Rows { m, cols, tiles: vec![0; blocks * 1024], scales: vec![0.0; blocks * 16] };
+        let mut rows = Q8Rows { m, cols, tiles: AlignedVec::zeroed(blocks * 1024), scales: vec![0.0; blocks * 16] };
         // SAFETY: `int8_available` implies AVX-512.
         unsafe { rows.fill(x) };
         rows
@@ -413,7 +418,7 @@ impl Q8Rows {
 }
 
 thread_local! {
-    static Q8_SCRATCH: Cell<(Vec<i8>, Vec<f32>)> = const { Cell::new((Vec::new(), Vec::new())) };
+    static Q8_SCRATCH: Cell<(AlignedVec<i8>, Vec<f32>)> = const { Cell::new((AlignedVec::new(), Vec::new())) };
 }
 
 /// `out[(j − first)·m + i] = W_j · x_i` for rows `first..first + n` of a Q8_0 weight (`q` the
@@ -442,8 +447,8 @@ unsafe fn q8_0_product_avx512(scale: &[f32], q: &[i8], cols: usize, first: usize
             (&q[j0 * cols..(j0 + DECODE_ROWS) * cols], &scale[j0 * blocks..(j0 + DECODE_ROWS) * blocks])
         } else {
             pad_q.clear();
-            pad_q.extend_from_slice(&q[j0 * cols..(j0 + rows) * cols]);
-            pad_q.resize(DECODE_ROWS * cols, 0);
+            pad_q.resize(DECODE_ROWS * cols);
+            pad_q[..rows * cols].copy_from_slice(&q[j0 * cols..(j0 + rows) * cols]);
             pad_scale.clear();
             pad_scale.extend_from_slice(&scale[j0 * blocks..(j0 + rows) * blocks]);
             pad_scale.resize(DECODE_ROWS * blocks, 0.0);
@@ -526,13 +531,13 @@ unsafe fn q8_kernel(a: *const i8, stride: usize, b: *const u8, c: *mut i32) {
 pub struct Bf16Rows {
     m: usize,
     cols: usize,
-    tiles: Vec<u16>,
+    tiles: AlignedVec<u16>,
 }
 
 impl Bf16Rows {
     pub fn new(x: &[f32], m: usize, cols: usize) -> Self {
         assert!((1..=16).contains(&m) && cols.is_multiple_of(KR) && x.len() == m * cols, "Bf16Rows: {m} rows of {cols}");
-        let mut tiles = vec![0u16; cols / KR * 512];
+        let mut tiles = AlignedVec::zeroed(cols / KR * 512);
         for (i, row) in x.chunks_exact(cols).enumerate() {
             for (tile, block) in tiles.chunks_exact_mut(512).zip(row.chunks_exact(KR)) {
                 for (p, pair) in block.chunks_exact(2).enumerate() {
@@ -546,7 +551,7 @@ impl Bf16Rows {
 }
 
 thread_local! {
-    static BF16_SCRATCH: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+    static BF16_SCRATCH: Cell<AlignedVec<u16>> = const { Cell::new(AlignedVec::new()) };
 }
 
 /// `out[(j − first)·m + i] = W_j · x_i` for rows `first..first + n` of a bf16 weight `w` (`cols`
@@ -566,8 +571,8 @@ pub fn bf16_product(w: &[u16], cols: usize, first: usize, n: usize, x: &Bf16Rows
             &w[j0 * cols..(j0 + DECODE_ROWS) * cols]
         } else {
             pad.clear();
-            pad.extend_from_slice(&w[j0 * cols..(j0 + rows) * cols]);
-            pad.resize(DECODE_ROWS * cols, 0);
+            pad.resize(DECODE_ROWS * cols);
+            pad[..rows * cols].copy_from_slice(&w[j0 * cols..(j0 + rows) * cols]);
             &pad[..]
         };
         // SAFETY (all asm below): tiles configured on this thread; `a` is 32 rows of `cols`

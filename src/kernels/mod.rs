@@ -5,6 +5,7 @@
 //! unless a function says otherwise; attention works on head-major `[batch, heads, seq, head_dim]`.
 
 pub mod activations;
+pub mod aligned;
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
 /// Not x86-64: no AMX, so bf16 weights take the f32 path.

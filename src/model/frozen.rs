@@ -5,6 +5,7 @@
 //! products run in bf16 on the tile unit (`kernels::amx`): bf16 matrices as stored, Q8_0/Q4_1
 //! ones expanded into reused bf16 scratch instead of f32.
 
+use crate::kernels::aligned::AlignedVec;
 use crate::kernels::amx;
 use crate::kernels::blocks::{Row, BLOCK};
 use crate::kernels::gemv;
@@ -60,8 +61,9 @@ impl WeightFormat {
 
 enum Data {
     F32(Vec<f32>),
-    Bf16(Vec<u16>),
-    Q8_0 { scale: Vec<f32>, q: Vec<i8> },
+    // 64-byte aligned: the AMX decode products read the rows in place (see `kernels::aligned`).
+    Bf16(AlignedVec<u16>),
+    Q8_0 { scale: Vec<f32>, q: AlignedVec<i8> },
     Q4_1 { scale: Vec<f32>, min: Vec<f32>, q: Vec<u8> },
 }
 
@@ -115,10 +117,14 @@ impl FrozenMatrix {
         let blocks_fit = cols.is_multiple_of(BLOCK);
         let data = match format {
             WeightFormat::F32 => Data::F32(w),
-            WeightFormat::Bf16 => Data::Bf16(w.par_iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()),
+            WeightFormat::Bf16 => {
+                let mut bits = AlignedVec::zeroed(w.len());
+                bits.par_iter_mut().zip(&w).for_each(|(b, &x)| *b = half::bf16::from_f32(x).to_bits());
+                Data::Bf16(bits)
+            }
             WeightFormat::Q8_0 if blocks_fit => {
                 let scale: Vec<f32> = w.par_chunks(BLOCK).map(|b| b.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0).collect();
-                let q = w
+                let q: Vec<i8> = w
                     .par_chunks(BLOCK)
                     .zip(&scale)
                     .flat_map_iter(|(b, &d)| {
@@ -126,7 +132,7 @@ impl FrozenMatrix {
                         b.iter().map(move |x| (x * inv).round() as i8)
                     })
                     .collect();
-                Data::Q8_0 { scale, q }
+                Data::Q8_0 { scale, q: AlignedVec::from_slice(&q) }
             }
             WeightFormat::Q4_1 if blocks_fit => {
                 let range: Vec<(f32, f32)> = w
