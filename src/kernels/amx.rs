@@ -135,12 +135,6 @@ pub enum Weight<'a> {
 
 /// `c[m×n] = alpha · a[m×k] · op(W)` (`+ c` with `accumulate`), with `a` rounded to bf16 and the
 /// products accumulated in f32. Call only when `available()`.
-///
-/// `a` is packed once, by all threads. Then each rayon task takes a group of the weight's
-/// columns, packs it into its own thread's buffer and multiplies it with every row of `a`, so a
-/// packed panel is written and read by one core, in its cache. (Packing the whole weight first,
-/// half by each core, then multiplying left half of every task's panels in the other core's
-/// cache: 30–60% slower in a training step.)
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_bf16(c: &mut [f32], a: &[f32], m: usize, k: usize, w: Weight, n: usize, alpha: f32, accumulate: bool) {
     assert!(available(), "matmul_bf16 needs AMX-BF16");
@@ -148,27 +142,24 @@ pub fn matmul_bf16(c: &mut [f32], a: &[f32], m: usize, k: usize, w: Weight, n: u
     assert_eq!(a.len(), m * k, "matmul_bf16: a has {} elements, expected {m}×{k}", a.len());
     let (Weight::Nk(wv) | Weight::Kn(wv)) = w;
     assert_eq!(wv.len(), k * n, "matmul_bf16: weight has {} elements, expected {k}×{n}", wv.len());
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || k == 0 {
+        // (With no depth the microkernel's loop would not end.)
+        if !accumulate {
+            c.fill(0.0);
+        }
         return;
     }
-    let (mp, kp) = (m.next_multiple_of(MR), k.next_multiple_of(KR));
+    let (mp, np, kp) = (m.next_multiple_of(MR), n.next_multiple_of(NR), k.next_multiple_of(KR));
     let mut a16 = A_SCRATCH.take();
+    let mut b16 = B_SCRATCH.take();
     pack_a(a, m, k, mp, kp, &mut a16);
-    // Two blocks of C columns per task, or one where that would leave fewer than 8 tasks.
-    let group = if n.div_ceil(2 * NR) >= 8 { 2 * NR } else { NR };
-    let shared = SharedC(c.as_mut_ptr());
-    (0..n.div_ceil(group)).into_par_iter().for_each(|g| {
-        configure_tiles();
-        let (c0, cols) = (g * group, group.min(n - g * group));
-        let mut panels = B_SCRATCH.take();
-        match w {
-            Weight::Nk(w) => pack_nk(w, n, k, kp, c0, cols, &mut panels),
-            Weight::Kn(w) => pack_kn(w, k, n, kp, c0, cols, &mut panels),
-        }
-        multiply(shared, &a16, m, kp, &panels, n, c0, cols, alpha, accumulate);
-        B_SCRATCH.set(panels);
-    });
+    match w {
+        Weight::Nk(w) => pack_nk(w, n, k, np, kp, &mut b16),
+        Weight::Kn(w) => pack_kn(w, k, n, np, kp, &mut b16),
+    }
+    multiply(c, &a16, m, kp, &b16, n, alpha, accumulate);
     A_SCRATCH.set(a16);
+    B_SCRATCH.set(b16);
 }
 
 /// Sizes `out` for a packed operand of `len` values. Depth padding (`k < kp`) must be zero, or
@@ -196,31 +187,28 @@ fn pack_a(a: &[f32], m: usize, k: usize, mp: usize, kp: usize, out: &mut Aligned
     });
 }
 
-/// Columns `c0..c0 + cols` of `Wᵀ` for `W [n × k]`, in panels of 16 (as many as two C blocks
-/// need): in panel p, tile row j of depth block t holds `W[c0 + 16p + c][32t + 2j .. 32t + 2j + 2]`
-/// for c = 0..16 — 32-bit pairs of each weight row, transposed.
-fn pack_nk(w: &[u16], n: usize, k: usize, kp: usize, c0: usize, cols: usize, out: &mut AlignedVec<u16>) {
-    debug_assert!(c0 + cols <= n);
-    prepare(out, cols.next_multiple_of(NR) * kp, k, kp);
-    for (p, panel) in out.chunks_exact_mut(16 * kp).enumerate() {
-        let first = c0 + 16 * p;
-        let rows = 16.min((c0 + cols).saturating_sub(first));
+/// Panels of 16 columns of `Wᵀ` for `W [n × k]`: in panel p, tile row j of depth block t holds
+/// `W[16p + c][32t + 2j .. 32t + 2j + 2]` for c = 0..16 — 32-bit pairs of each weight row, transposed.
+fn pack_nk(w: &[u16], n: usize, k: usize, np: usize, kp: usize, out: &mut AlignedVec<u16>) {
+    prepare(out, np * kp, k, kp);
+    out.par_chunks_mut(16 * kp).enumerate().for_each(|(p, panel)| {
+        let rows = 16.min(n.saturating_sub(16 * p));
         for (t, tile) in panel.chunks_exact_mut(16 * KR).enumerate() {
             let depth = KR.min(k.saturating_sub(KR * t));
             if rows == 16 && depth == KR {
-                // SAFETY: 16 rows of W from row `first`, each with 32 values from column 32t,
-                // exist; the tile has 512 values. AVX-512 is part of `available()`.
-                unsafe { transpose_pairs_16x16(w[first * k + KR * t..].as_ptr(), k, tile) };
+                // SAFETY: 16 rows of W from row 16p, each with 32 values from column 32t, exist;
+                // the tile has 512 values. AVX-512 is part of `available()`.
+                unsafe { transpose_pairs_16x16(w[16 * p * k + KR * t..].as_ptr(), k, tile) };
             } else {
                 for c in 0..rows {
-                    let row = &w[(first + c) * k + KR * t..][..depth];
+                    let row = &w[(16 * p + c) * k + KR * t..][..depth];
                     for (d, &v) in row.iter().enumerate() {
                         tile[(d / 2) * 32 + 2 * c + (d & 1)] = v;
                     }
                 }
             }
         }
-    }
+    });
 }
 
 /// One full tile of `pack_nk`: 16 rows of 16 value pairs (`row_len` apart) into tile rows of one
@@ -256,36 +244,39 @@ unsafe fn transpose_pairs_16x16(src: *const u16, row_len: usize, tile: &mut [u16
     }
 }
 
-/// Columns `c0..c0 + cols` of `W [k × n]`, in panels of 16 (as many as two C blocks need): in
-/// panel p, tile row j (over all depth) holds `W[2j][c0 + 16p + c], W[2j + 1][c0 + 16p + c]` for
-/// c = 0..16 — two weight rows interleaved.
-fn pack_kn(w: &[u16], k: usize, n: usize, kp: usize, c0: usize, cols: usize, out: &mut AlignedVec<u16>) {
-    debug_assert!(c0 + cols <= n);
-    prepare(out, cols.next_multiple_of(NR) * kp, k, kp);
-    for j in 0..k.div_ceil(2) {
-        for (p, panel) in out.chunks_exact_mut(16 * kp).enumerate() {
-            let (first, width) = (c0 + 16 * p, 16.min((c0 + cols).saturating_sub(c0 + 16 * p)));
-            if width == 0 {
-                break; // padding panels
-            }
-            let tile_row = &mut panel[32 * j..32 * j + 32];
-            let r0 = &w[2 * j * n + first..][..width];
-            if 2 * j + 1 == k {
-                // odd depth: the last row pairs with zeros (left by `prepare`)
-                r0.iter().enumerate().for_each(|(c, &v)| tile_row[2 * c] = v);
-                continue;
-            }
-            let r1 = &w[(2 * j + 1) * n + first..][..width];
-            if width == 16 {
-                // SAFETY: both row segments and the tile row have the lengths the function reads.
-                unsafe { interleave_16(r0, r1, tile_row) };
-            } else {
-                for c in 0..width {
-                    (tile_row[2 * c], tile_row[2 * c + 1]) = (r0[c], r1[c]);
+/// Panels of 16 columns of `W [k × n]`: in panel p, tile row j (over all depth) holds
+/// `W[2j][16p + c], W[2j + 1][16p + c]` for c = 0..16 — two weight rows interleaved.
+fn pack_kn(w: &[u16], k: usize, n: usize, np: usize, kp: usize, out: &mut AlignedVec<u16>) {
+    prepare(out, np * kp, k, kp);
+    // Four panels per task: each weight row is then read 128 bytes (two cache lines) at a time.
+    const PANELS: usize = 4;
+    out.par_chunks_mut(PANELS * 16 * kp).enumerate().for_each(|(group, panels)| {
+        let c_first = PANELS * 16 * group;
+        for j in 0..k.div_ceil(2) {
+            for (i, panel) in panels.chunks_exact_mut(16 * kp).enumerate() {
+                let (c0, cols) = (c_first + 16 * i, 16.min(n.saturating_sub(c_first + 16 * i)));
+                if cols == 0 {
+                    break; // padding panels
+                }
+                let tile_row = &mut panel[32 * j..32 * j + 32];
+                let r0 = &w[2 * j * n + c0..][..cols];
+                if 2 * j + 1 == k {
+                    // odd depth: the last row pairs with zeros (left by `prepare`)
+                    r0.iter().enumerate().for_each(|(c, &v)| tile_row[2 * c] = v);
+                    continue;
+                }
+                let r1 = &w[(2 * j + 1) * n + c0..][..cols];
+                if cols == 16 {
+                    // SAFETY: both row segments and the tile row have the lengths the function reads.
+                    unsafe { interleave_16(r0, r1, tile_row) };
+                } else {
+                    for c in 0..cols {
+                        (tile_row[2 * c], tile_row[2 * c + 1]) = (r0[c], r1[c]);
+                    }
                 }
             }
         }
-    }
+    });
 }
 
 /// `out[2c] = a[c], out[2c + 1] = b[c]` for 16 values each.
@@ -310,7 +301,7 @@ impl SharedC {
         self.0.wrapping_add(offset)
     }
 }
-// SAFETY: tasks write disjoint columns (see `matmul_bf16`).
+// SAFETY: tasks write disjoint blocks (see `multiply`).
 unsafe impl Send for SharedC {}
 unsafe impl Sync for SharedC {}
 
@@ -318,31 +309,40 @@ unsafe impl Sync for SharedC {}
 #[repr(C, align(64))]
 struct Block([f32; MR * NR]);
 
-/// Columns `c0..c0 + cols` of C (`[m × n]` at `c`) from all of `a16` and the panels of those
-/// columns: for each pair of panels (in the core's first-level cache), every block of 32 rows.
+/// C blocks of 32×32 computed by rayon tasks of 4×2 blocks; each task writes only its own rows ×
+/// columns of `c`.
 #[allow(clippy::too_many_arguments)]
-fn multiply(c: SharedC, a16: &[u16], m: usize, kp: usize, panels: &[u16], n: usize, c0: usize, cols: usize, alpha: f32, accumulate: bool) {
-    let mut block = Block([0.0; MR * NR]);
-    for nb in 0..cols.div_ceil(NR) {
-        let pair = &panels[2 * nb * 16 * kp..(2 * nb + 2) * 16 * kp];
-        let width = (cols - nb * NR).min(NR);
-        for mb in 0..m.div_ceil(MR) {
-            let a_rows = &a16[mb * MR * kp..(mb + 1) * MR * kp];
-            // SAFETY: tiles configured on this thread; `a_rows` is 32 rows of kp bf16, each panel
-            // kp/32 tiles of 1 KiB, `block` 32×32 f32.
-            unsafe { microkernel(a_rows.as_ptr(), 2 * kp, pair.as_ptr(), pair[16 * kp..].as_ptr(), kp / KR, block.0.as_mut_ptr()) };
-            for (i, src) in block.0.chunks(NR).take((m - mb * MR).min(MR)).enumerate() {
-                // SAFETY: row mb·32 + i < m and columns c0 + nb·32 .. + width < n lie in `c`, and
-                // no other task writes these columns.
-                let dst = unsafe { std::slice::from_raw_parts_mut(c.at((mb * MR + i) * n + c0 + nb * NR), width) };
-                if accumulate {
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += alpha * s);
-                } else {
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d = alpha * s);
+fn multiply(c: &mut [f32], a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usize, alpha: f32, accumulate: bool) {
+    const TASK_M: usize = 4;
+    const TASK_N: usize = 2;
+    let (m_blocks, n_blocks) = (m.div_ceil(MR), n.div_ceil(NR));
+    let (tasks_m, tasks_n) = (m_blocks.div_ceil(TASK_M), n_blocks.div_ceil(TASK_N));
+    let shared = SharedC(c.as_mut_ptr());
+    (0..tasks_m * tasks_n).into_par_iter().for_each(|task| {
+        configure_tiles();
+        let (tm, tn) = (task % tasks_m, task / tasks_m);
+        let mut block = Block([0.0; MR * NR]);
+        for nb in tn * TASK_N..((tn + 1) * TASK_N).min(n_blocks) {
+            let panels = &b16[2 * nb * 16 * kp..(2 * nb + 2) * 16 * kp];
+            for mb in tm * TASK_M..((tm + 1) * TASK_M).min(m_blocks) {
+                let a_rows = &a16[mb * MR * kp..(mb + 1) * MR * kp];
+                // SAFETY: tiles configured above; `a_rows` is 32 rows of kp bf16, each panel
+                // kp/32 tiles of 1 KiB, `block` 32×32 f32.
+                unsafe { microkernel(a_rows.as_ptr(), 2 * kp, panels.as_ptr(), panels[16 * kp..].as_ptr(), kp / KR, block.0.as_mut_ptr()) };
+                let (rows, cols) = ((m - mb * MR).min(MR), (n - nb * NR).min(NR));
+                for (i, src) in block.0.chunks(NR).take(rows).enumerate() {
+                    // SAFETY: row mb·32 + i < m and columns nb·32 .. +cols < n lie in `c`, and no
+                    // other task has this (mb, nb) block.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(shared.at((mb * MR + i) * n + nb * NR), cols) };
+                    if accumulate {
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += alpha * s);
+                    } else {
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d = alpha * s);
+                    }
                 }
             }
         }
-    }
+    });
 }
 
 // ---- Decode products of Q8_0 weights on AMX-INT8 tiles ----
@@ -647,7 +647,7 @@ mod tests {
             return;
         }
         let mut rng = Rng::new(11);
-        for &(m, n, k) in &[(1, 1, 1), (5, 17, 3), (37, 70, 45), (64, 96, 64), (33, 33, 97), (130, 40, 576)] {
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 0), (5, 17, 3), (37, 70, 45), (64, 96, 64), (33, 33, 97), (130, 40, 576)] {
             let a = randn(&mut rng, m * k, 1.0);
             let w = randn(&mut rng, n * k, 1.0);
             let w16: Vec<u16> = w.iter().map(|&x| to_bf16(x)).collect();
