@@ -623,7 +623,7 @@ pub fn bf16_product(w: &[u16], cols: usize, first: usize, n: usize, x: &Bf16Rows
 mod tests {
     use super::*;
     use crate::kernels::matmul::matmul_naive;
-    use crate::kernels::testutil::randn;
+    use crate::kernels::testutil::{assert_row_products, randn};
     use crate::rng::Rng;
 
     fn bf16_round(v: &[f32]) -> Vec<f32> {
@@ -693,13 +693,7 @@ mod tests {
             for (first, n) in [(0, rows), (5, 40), (38, 32)] {
                 let mut out = vec![f32::NAN; n * m];
                 q8_0_product(scale, q, cols, first, n, &xt, &mut out);
-                for j in 0..n {
-                    for i in 0..m {
-                        let want: f64 = (0..cols).map(|k| values[(first + j) * cols + k] as f64 * xr[i * cols + k] as f64).sum();
-                        let got = out[j * m + i] as f64;
-                        assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "m={m} row {first}+{j} x {i}: {got} vs {want}");
-                    }
-                }
+                assert_row_products(&out, &values, &xr, cols, first, n, m, "Q8_0 tiles");
             }
         }
     }
@@ -721,13 +715,7 @@ mod tests {
             for (first, n) in [(0, rows), (5, 40), (38, 32)] {
                 let mut out = vec![f32::NAN; n * m];
                 bf16_product(&w, cols, first, n, &xt, &mut out);
-                for j in 0..n {
-                    for i in 0..m {
-                        let want: f64 = (0..cols).map(|k| values[(first + j) * cols + k] as f64 * xr[i * cols + k] as f64).sum();
-                        let got = out[j * m + i] as f64;
-                        assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "m={m} row {first}+{j} x {i}: {got} vs {want}");
-                    }
-                }
+                assert_row_products(&out, &values, &xr, cols, first, n, m, "bf16 tiles");
             }
         }
     }

@@ -53,6 +53,20 @@ pub(crate) mod testutil {
         a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
     }
 
+    /// Checks a decode product's output `out[j·m + i]` (weight rows `first..first + n`, activation
+    /// rows `0..m`) against the f64 product of the weight's `values` (`[rows × cols]`) and the
+    /// activations as the kernel rounds them (`xr`, `[m × cols]`), within 1e-4 relative.
+    #[allow(clippy::too_many_arguments)]
+    pub fn assert_row_products(out: &[f32], values: &[f32], xr: &[f32], cols: usize, first: usize, n: usize, m: usize, what: &str) {
+        for j in 0..n {
+            for i in 0..m {
+                let want: f64 = (0..cols).map(|k| values[(first + j) * cols + k] as f64 * xr[i * cols + k] as f64).sum();
+                let got = out[j * m + i] as f64;
+                assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{what} m={m} row {first}+{j} x {i}: {got} vs {want}");
+            }
+        }
+    }
+
     /// Checks an analytic gradient by a central finite difference along a random direction `d`:
     /// (L(x + eps d) - L(x - eps d)) / 2 eps must equal <grad, d>. `loss` evaluates L at a point.
     pub fn check_directional(name: &str, x: &[f32], grad: &[f32], loss: impl Fn(&[f32]) -> f64, seed: u64) {

@@ -557,7 +557,7 @@ pub unsafe fn gemv(w: Row, cols: usize, first: usize, x: &Activations, out: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testutil::randn;
+    use crate::kernels::testutil::{assert_row_products, randn};
     use crate::model::frozen::{FrozenMatrix, WeightFormat};
     use crate::rng::Rng;
 
@@ -584,16 +584,7 @@ mod tests {
                         let mut out = vec![f32::NAN; n * m];
                         // SAFETY: checked above.
                         unsafe { gemv(fm.view(), cols, first, &acts, &mut out) };
-                        for j in 0..n {
-                            for i in 0..m {
-                                let want: f64 = (0..cols).map(|k| values[(first + j) * cols + k] as f64 * xr[i * cols + k] as f64).sum();
-                                let got = out[j * m + i] as f64;
-                                assert!(
-                                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                                    "{format:?} {rows}x{cols} m={m} row {j} x {i}: {got} vs {want}"
-                                );
-                            }
-                        }
+                        assert_row_products(&out, &values, &xr, cols, first, n, m, &format!("{format:?} {rows}x{cols}"));
                     }
                 }
             }
