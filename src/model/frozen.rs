@@ -124,15 +124,12 @@ impl FrozenMatrix {
             }
             WeightFormat::Q8_0 if blocks_fit => {
                 let scale: Vec<f32> = w.par_chunks(BLOCK).map(|b| b.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0).collect();
-                let q: Vec<i8> = w
-                    .par_chunks(BLOCK)
-                    .zip(&scale)
-                    .flat_map_iter(|(b, &d)| {
-                        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                        b.iter().map(move |x| (x * inv).round() as i8)
-                    })
-                    .collect();
-                Data::Q8_0 { scale, q: AlignedVec::from_slice(&q) }
+                let mut q = AlignedVec::zeroed(w.len());
+                q.par_chunks_mut(BLOCK).zip(w.par_chunks(BLOCK)).zip(&scale).for_each(|((out, b), &d)| {
+                    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    out.iter_mut().zip(b).for_each(|(o, x)| *o = (x * inv).round() as i8);
+                });
+                Data::Q8_0 { scale, q }
             }
             WeightFormat::Q4_1 if blocks_fit => {
                 let range: Vec<(f32, f32)> = w
