@@ -154,8 +154,8 @@ pub fn matmul_bf16(c: &mut [f32], a: &[f32], m: usize, k: usize, w: Weight, n: u
     let mut b16 = B_SCRATCH.take();
     pack_a(a, m, k, mp, kp, &mut a16);
     match w {
-        Weight::Nk(w) => pack_nk(w, n, k, np, kp, &mut b16),
-        Weight::Kn(w) => pack_kn(w, k, n, np, kp, &mut b16),
+        Weight::Nk(w) => pack_nk(w, n, k, np, kp, &mut b16, true),
+        Weight::Kn(w) => pack_kn(w, k, n, np, kp, &mut b16, true),
     }
     multiply(c, &a16, m, kp, &b16, n, alpha, accumulate);
     A_SCRATCH.set(a16);
@@ -189,16 +189,16 @@ fn pack_a(a: &[f32], m: usize, k: usize, mp: usize, kp: usize, out: &mut Aligned
 
 /// Panels of 16 columns of `Wᵀ` for `W [n × k]`: in panel p, tile row j of depth block t holds
 /// `W[16p + c][32t + 2j .. 32t + 2j + 2]` for c = 0..16 — 32-bit pairs of each weight row, transposed.
-fn pack_nk(w: &[u16], n: usize, k: usize, np: usize, kp: usize, out: &mut AlignedVec<u16>) {
+fn pack_nk(w: &[u16], n: usize, k: usize, np: usize, kp: usize, out: &mut AlignedVec<u16>, parallel: bool) {
     prepare(out, np * kp, k, kp);
-    out.par_chunks_mut(16 * kp).enumerate().for_each(|(p, panel)| {
+    let pack_panel = |(p, panel): (usize, &mut [u16])| {
         let rows = 16.min(n.saturating_sub(16 * p));
         for (t, tile) in panel.chunks_exact_mut(16 * KR).enumerate() {
             let depth = KR.min(k.saturating_sub(KR * t));
             if rows == 16 && depth == KR {
                 // SAFETY: 16 rows of W from row 16p, each with 32 values from column 32t, exist;
                 // the tile has 512 values. AVX-512 is part of `available()`.
-                unsafe { transpose_pairs_16x16(w[16 * p * k + KR * t..].as_ptr(), k, tile) };
+                unsafe { transpose_16x16_32bit(w[16 * p * k + KR * t..].as_ptr() as *const u8, 2 * k, tile.as_mut_ptr() as *mut u8, 64) };
             } else {
                 for c in 0..rows {
                     let row = &w[(16 * p + c) * k + KR * t..][..depth];
@@ -208,15 +208,25 @@ fn pack_nk(w: &[u16], n: usize, k: usize, np: usize, kp: usize, out: &mut Aligne
                 }
             }
         }
-    });
+    };
+    if parallel {
+        out.par_chunks_mut(16 * kp).enumerate().for_each(pack_panel);
+    } else {
+        out.chunks_mut(16 * kp).enumerate().for_each(pack_panel);
+    }
 }
 
-/// One full tile of `pack_nk`: 16 rows of 16 value pairs (`row_len` apart) into tile rows of one
-/// pair per source row — a 16×16 transpose of 32-bit elements (unpack, then 128-bit lane shuffles).
+/// A 16×16 transpose of 32-bit elements (unpack, then 128-bit lane shuffles): row r of `dst`
+/// (rows `dst_stride` bytes apart) receives element r of each of the 16 rows of `src` (rows
+/// `src_stride` bytes apart). One full tile of `pack_nk` is this transpose of 16 weight rows' value
+/// pairs; attention transposes f32 blocks with it.
+///
+/// # Safety
+/// 16 rows of 64 bytes readable at `src` and writable at `dst`; AVX-512F.
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose_pairs_16x16(src: *const u16, row_len: usize, tile: &mut [u16]) {
+unsafe fn transpose_16x16_32bit(src: *const u8, src_stride: usize, dst: *mut u8, dst_stride: usize) {
     use std::arch::x86_64::*;
-    let r: [__m512i; 16] = std::array::from_fn(|i| _mm512_loadu_si512(src.add(i * row_len) as *const _));
+    let r: [__m512i; 16] = std::array::from_fn(|i| _mm512_loadu_si512(src.add(i * src_stride) as *const _));
     // t: pairs of rows interleaved per 128-bit lane; u[4i + q], lane l: column 4l + q of rows 4i..4i+4.
     let mut t = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
@@ -230,27 +240,27 @@ unsafe fn transpose_pairs_16x16(src: *const u16, row_len: usize, tile: &mut [u16
         u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
         u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
     }
-    let dst = tile.as_mut_ptr() as *mut __m512i;
+    let row = |r: usize| dst.add(r * dst_stride) as *mut __m512i;
     for q in 0..4 {
         let (x0, x1, x2, x3) = (u[q], u[4 + q], u[8 + q], u[12 + q]);
         let v0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(x0, x1);
         let v1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(x0, x1);
         let v2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(x2, x3);
         let v3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(x2, x3);
-        _mm512_storeu_si512(dst.add(q), _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v2));
-        _mm512_storeu_si512(dst.add(4 + q), _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v2));
-        _mm512_storeu_si512(dst.add(8 + q), _mm512_shuffle_i32x4::<0b10_00_10_00>(v1, v3));
-        _mm512_storeu_si512(dst.add(12 + q), _mm512_shuffle_i32x4::<0b11_01_11_01>(v1, v3));
+        _mm512_storeu_si512(row(q), _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v2));
+        _mm512_storeu_si512(row(4 + q), _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v2));
+        _mm512_storeu_si512(row(8 + q), _mm512_shuffle_i32x4::<0b10_00_10_00>(v1, v3));
+        _mm512_storeu_si512(row(12 + q), _mm512_shuffle_i32x4::<0b11_01_11_01>(v1, v3));
     }
 }
 
 /// Panels of 16 columns of `W [k × n]`: in panel p, tile row j (over all depth) holds
 /// `W[2j][16p + c], W[2j + 1][16p + c]` for c = 0..16 — two weight rows interleaved.
-fn pack_kn(w: &[u16], k: usize, n: usize, np: usize, kp: usize, out: &mut AlignedVec<u16>) {
+fn pack_kn(w: &[u16], k: usize, n: usize, np: usize, kp: usize, out: &mut AlignedVec<u16>, parallel: bool) {
     prepare(out, np * kp, k, kp);
     // Four panels per task: each weight row is then read 128 bytes (two cache lines) at a time.
     const PANELS: usize = 4;
-    out.par_chunks_mut(PANELS * 16 * kp).enumerate().for_each(|(group, panels)| {
+    let pack_group = |(group, panels): (usize, &mut [u16])| {
         let c_first = PANELS * 16 * group;
         for j in 0..k.div_ceil(2) {
             for (i, panel) in panels.chunks_exact_mut(16 * kp).enumerate() {
@@ -276,7 +286,12 @@ fn pack_kn(w: &[u16], k: usize, n: usize, np: usize, kp: usize, out: &mut Aligne
                 }
             }
         }
-    });
+    };
+    if parallel {
+        out.par_chunks_mut(PANELS * 16 * kp).enumerate().for_each(pack_group);
+    } else {
+        out.chunks_mut(PANELS * 16 * kp).enumerate().for_each(pack_group);
+    }
 }
 
 /// `out[2c] = a[c], out[2c + 1] = b[c]` for 16 values each.
@@ -343,6 +358,225 @@ fn multiply(c: &mut [f32], a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usi
             }
         }
     });
+}
+
+// ---- Serial products on operands the caller packs and reuses (attention) ----
+//
+// Attention multiplies many small matrices per head (a tile of queries against its keys), each
+// operand reused across several products: packing inside `matmul_bf16` per call, and its rayon
+// tasks inside the caller's own parallel loop over heads, would cost more than the products.
+// These functions run on the calling thread; the operands are whole tiles (multiples of 32 in
+// every dimension, zero padding), and results go straight from the tile registers to memory.
+
+/// `rows × cols` f32 values (row `i` from `a[i·lda]`) as bf16 rows of `cols_p` values into `out`,
+/// `rows_p` rows; the padding is zero.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bf16_rows_into(a: &[f32], lda: usize, rows: usize, cols: usize, rows_p: usize, cols_p: usize, out: &mut AlignedVec<u16>) {
+    assert!(rows <= rows_p && cols <= cols_p && cols <= lda && (rows == 0 || (rows - 1) * lda + cols <= a.len()));
+    out.resize(rows_p * cols_p);
+    for (i, dst) in out.chunks_exact_mut(cols_p).enumerate() {
+        if i < rows {
+            dst[..cols].iter_mut().zip(&a[i * lda..i * lda + cols]).for_each(|(d, &x)| *d = to_bf16(x));
+            dst[cols..].fill(0);
+        } else {
+            dst.fill(0);
+        }
+    }
+}
+
+/// The transpose of `a` (`[rows × cols]`, row-major) as bf16: `cols` rows of `stride` values,
+/// `out[j·stride + i] = a[i·cols + j]`; the values past `rows` in each row are zero.
+pub(crate) fn bf16_transposed_into(a: &[f32], rows: usize, cols: usize, stride: usize, out: &mut AlignedVec<u16>) {
+    assert!(available() && rows <= stride && a.len() == rows * cols);
+    out.resize(cols * stride);
+    let whole = rows - rows % 16;
+    let mut block = [0.0f32; 256];
+    for i0 in (0..whole).step_by(16) {
+        for j0 in (0..cols - cols % 16).step_by(16) {
+            // SAFETY: rows i0..i0 + 16 of `a` hold columns j0..j0 + 16; `block` is 16 rows of
+            // 64 bytes; AVX-512 is part of `available()`.
+            unsafe { transpose_16x16_32bit(a[i0 * cols + j0..].as_ptr() as *const u8, 4 * cols, block.as_mut_ptr() as *mut u8, 64) };
+            for (r, src) in block.chunks_exact(16).enumerate() {
+                out[(j0 + r) * stride + i0..][..16].iter_mut().zip(src).for_each(|(d, &x)| *d = to_bf16(x));
+            }
+        }
+    }
+    // The edges the blocks left: the last rows whole, the other rows' last columns.
+    for (i, row) in a.chunks_exact(cols).enumerate() {
+        let first = if i < whole { cols - cols % 16 } else { 0 };
+        for (j, &x) in row.iter().enumerate().skip(first) {
+            out[j * stride + i] = to_bf16(x);
+        }
+    }
+    for dst in out.chunks_exact_mut(stride) {
+        dst[rows..].fill(0);
+    }
+}
+
+/// `dst[j·dst_stride + i] = src[i·src_stride + j]` for `i < rows`, `j < cols`: an f32 transpose.
+pub(crate) fn transpose_f32(src: &[f32], src_stride: usize, rows: usize, cols: usize, dst: &mut [f32], dst_stride: usize) {
+    assert!(available() && cols <= src_stride && rows <= dst_stride);
+    assert!(rows == 0 || cols == 0 || ((rows - 1) * src_stride + cols <= src.len() && (cols - 1) * dst_stride + rows <= dst.len()));
+    let (whole_rows, whole_cols) = (rows - rows % 16, cols - cols % 16);
+    for i0 in (0..whole_rows).step_by(16) {
+        for j0 in (0..whole_cols).step_by(16) {
+            // SAFETY: the asserts keep 16 rows of 16 values from (i0, j0) in `src` and from
+            // (j0, i0) in `dst`; AVX-512 is part of `available()`.
+            unsafe {
+                transpose_16x16_32bit(
+                    src[i0 * src_stride + j0..].as_ptr() as *const u8,
+                    4 * src_stride,
+                    dst[j0 * dst_stride + i0..].as_mut_ptr() as *mut u8,
+                    4 * dst_stride,
+                )
+            };
+        }
+    }
+    for i in 0..rows {
+        for j in if i < whole_rows { whole_cols } else { 0 }..cols {
+            dst[j * dst_stride + i] = src[i * src_stride + j];
+        }
+    }
+}
+
+/// `w` (`[n × k]` bf16, both multiples of 32) as B panels for products with `wᵀ`: `n / 16`
+/// panels of `16·k` values (the `Weight::Nk` layout of `matmul_bf16`).
+pub(crate) fn panels_nk(w: &[u16], n: usize, k: usize, out: &mut AlignedVec<u16>) {
+    assert!(n.is_multiple_of(NR) && k.is_multiple_of(KR) && w.len() == n * k);
+    pack_nk(w, n, k, n, k, out, false);
+}
+
+/// `w` (`[k × n]` bf16, both multiples of 32) as B panels for products with `w`: `n / 16`
+/// panels of `16·k` values (the `Weight::Kn` layout).
+pub(crate) fn panels_kn(w: &[u16], k: usize, n: usize, out: &mut AlignedVec<u16>) {
+    assert!(n.is_multiple_of(NR) && k.is_multiple_of(KR) && w.len() == k * n);
+    pack_kn(w, k, n, n, k, out, false);
+}
+
+/// `panels_kn` of `rows` rows of `n` f32 values (`stride` apart) rounded to bf16, with zero rows
+/// up to the depth `k` (a multiple of 32): the conversion and the packing in one pass.
+pub(crate) fn panels_kn_f32(w: &[f32], stride: usize, rows: usize, k: usize, n: usize, out: &mut AlignedVec<u16>) {
+    assert!(available() && n.is_multiple_of(NR) && k.is_multiple_of(KR) && rows <= k && n <= stride);
+    assert!(rows == 0 || (rows - 1) * stride + n <= w.len());
+    out.resize(n * k);
+    let row_bf16 = |r: usize, c0: usize| -> [u16; 16] {
+        if r < rows {
+            std::array::from_fn(|c| to_bf16(w[r * stride + c0 + c]))
+        } else {
+            [0; 16]
+        }
+    };
+    for j in 0..k / 2 {
+        for p in 0..n / 16 {
+            let (r0, r1) = (row_bf16(2 * j, 16 * p), row_bf16(2 * j + 1, 16 * p));
+            // SAFETY: two rows of 16 values and a tile row of 32; AVX-512 is part of `available()`.
+            unsafe { interleave_16(&r0, &r1, &mut out[p * 16 * k + 32 * j..][..32]) };
+        }
+    }
+}
+
+/// `c = a · b`, or `c += a · b` with `accumulate`, on this thread, over whole 32×32 blocks:
+/// - `a`: `mp` rows of bf16 `a_stride` values apart, each read for `depth` values;
+/// - `b`: `np / 16` panels (`panels_nk` / `panels_kn`) `panel_stride` values apart, each read for
+///   the first `depth` of its depth (so a panel packed deeper serves a shallower product);
+/// - `c`: `mp × np` f32, rows `ldc` apart.
+///
+/// `mp`, `np` and `depth` are multiples of 32. Rows of `a` and `c` should start on 64-byte
+/// boundaries (`AlignedVec` with strides of whole cache lines): tile loads from other addresses
+/// are about 7× slower.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tile_product(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[u16],
+    a_stride: usize,
+    mp: usize,
+    b: &[u16],
+    panel_stride: usize,
+    np: usize,
+    depth: usize,
+    accumulate: bool,
+) {
+    assert!(available(), "tile_product needs AMX-BF16");
+    assert!(mp.is_multiple_of(MR) && np.is_multiple_of(NR) && depth.is_multiple_of(KR) && depth > 0, "tile_product: {mp}×{np}×{depth}");
+    if mp == 0 || np == 0 {
+        return;
+    }
+    assert!(depth <= a_stride && (mp - 1) * a_stride + depth <= a.len(), "tile_product: a too short");
+    assert!(16 * depth <= panel_stride && (np / 16 - 1) * panel_stride + 16 * depth <= b.len(), "tile_product: b too short");
+    assert!(np <= ldc && (mp - 1) * ldc + np <= c.len(), "tile_product: c too short");
+    configure_tiles();
+    for mb in 0..mp / MR {
+        for nb in 0..np / NR {
+            // SAFETY: tiles configured; the asserts above keep 32 rows of `depth` values of `a`
+            // from row 32·mb, two panels' first `16·depth` values from panel 2·nb, and 32 rows of
+            // 32 values of `c` from (32·mb, 32·nb) inside their slices.
+            unsafe {
+                microkernel_into(
+                    a.as_ptr().add(mb * MR * a_stride),
+                    2 * a_stride,
+                    b.as_ptr().add(2 * nb * panel_stride),
+                    b.as_ptr().add((2 * nb + 1) * panel_stride),
+                    depth / KR,
+                    c.as_mut_ptr().add(mb * MR * ldc + nb * NR),
+                    4 * ldc,
+                    accumulate,
+                )
+            };
+        }
+    }
+}
+
+/// `microkernel`, with C's tiles loaded from (`accumulate`) and stored straight to `c` (rows
+/// `c_stride` bytes apart) instead of a separate block.
+///
+/// # Safety
+/// As `microkernel`, with `c` readable and writable for 32 rows of 32 f32 `c_stride` bytes apart.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn microkernel_into(
+    a: *const u16,
+    a_stride: usize,
+    b0: *const u16,
+    b1: *const u16,
+    depth_steps: usize,
+    c: *mut f32,
+    c_stride: usize,
+    accumulate: bool,
+) {
+    let a1 = a.byte_add(16 * a_stride);
+    asm!(
+        "test {acc}, {acc}",
+        "jz 5f",
+        "tileloadd tmm0, [{c00} + {c_stride}*1]",
+        "tileloadd tmm1, [{c00} + {c_stride}*1 + 64]",
+        "tileloadd tmm2, [{c10} + {c_stride}*1]",
+        "tileloadd tmm3, [{c10} + {c_stride}*1 + 64]",
+        "jmp 2f",
+        "5:",
+        "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+        "2:",
+        "tileloadd tmm4, [{a0} + {a_stride}*1]",
+        "tileloadd tmm6, [{b0} + {b_stride}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tileloadd tmm7, [{b1} + {b_stride}*1]",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tileloadd tmm5, [{a1} + {a_stride}*1]",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        "add {a0}, 64", "add {a1}, 64", "add {b0}, 1024", "add {b1}, 1024",
+        "dec {steps}", "jnz 2b",
+        "tilestored [{c00} + {c_stride}*1], tmm0",
+        "tilestored [{c00} + {c_stride}*1 + 64], tmm1",
+        "tilestored [{c10} + {c_stride}*1], tmm2",
+        "tilestored [{c10} + {c_stride}*1 + 64], tmm3",
+        acc = in(reg) accumulate as usize,
+        a0 = inout(reg) a => _, a1 = inout(reg) a1 => _, b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _,
+        steps = inout(reg) depth_steps => _, a_stride = in(reg) a_stride, b_stride = in(reg) 64usize,
+        c00 = in(reg) c, c10 = in(reg) c.byte_add(16 * c_stride),
+        c_stride = in(reg) c_stride,
+        options(nostack)
+    );
 }
 
 // ---- Decode products of Q8_0 weights on AMX-INT8 tiles ----
@@ -665,6 +899,82 @@ mod tests {
             }
         }
     }
+    /// The serial pieces attention builds on: bf16 rows and transposes with their zero padding,
+    /// the f32 transpose, and `tile_product` on both panel layouts with strides, a panel packed
+    /// deeper than the product reads, and accumulation.
+    #[test]
+    fn serial_tile_pieces_match_naive() {
+        if !available() {
+            return;
+        }
+        let mut rng = Rng::new(4);
+        let (rows, cols) = (37, 48);
+        let a = randn(&mut rng, rows * cols, 1.0);
+        let ar = bf16_round(&a);
+        let mut t = AlignedVec::new();
+        bf16_transposed_into(&a, rows, cols, 64, &mut t);
+        let mut r = AlignedVec::new();
+        bf16_rows_into(&a, cols, rows, 40, 64, 64, &mut r);
+        for i in 0..64 {
+            for j in 0..64 {
+                let inside = i < rows && j < cols;
+                let at = |v: &AlignedVec<u16>, x: usize| f32::from_bits((v[x] as u32) << 16);
+                if j < cols {
+                    assert_eq!(at(&t, j * 64 + i), if inside { ar[i * cols + j] } else { 0.0 });
+                }
+                assert_eq!(at(&r, i * 64 + j), if i < rows && j < 40 { ar[i * cols + j] } else { 0.0 });
+            }
+        }
+        let (mut direct, mut two_step) = (AlignedVec::new(), AlignedVec::new());
+        panels_kn_f32(&a, cols, rows, 64, 32, &mut direct);
+        bf16_rows_into(&a, cols, rows, 32, 64, 32, &mut r);
+        panels_kn(&r, 64, 32, &mut two_step);
+        assert_eq!(&direct[..], &two_step[..]);
+        let mut back = vec![0.0; cols * 40];
+        transpose_f32(&a, cols, rows, cols, &mut back, 40);
+        assert!((0..rows).all(|i| (0..cols).all(|j| back[j * 40 + i] == a[i * cols + j])));
+
+        // c[64 × 96] (row stride 100) = or += x[64 × 32 of a 40-wide row] · op(w), w packed to depth 64.
+        let (m, n, depth) = (64, 96, 32);
+        let x = bf16_round(&randn(&mut rng, m * 40, 1.0));
+        let x16: Vec<u16> = x.iter().map(|&v| to_bf16(v)).collect();
+        let mut xa = AlignedVec::new();
+        xa.resize(m * 64);
+        for i in 0..m {
+            xa[i * 64..i * 64 + 40].copy_from_slice(&x16[i * 40..(i + 1) * 40]);
+        }
+        let w = bf16_round(&randn(&mut rng, n * 64, 1.0));
+        let w16: Vec<u16> = w.iter().map(|&v| to_bf16(v)).collect();
+        let xd: Vec<f32> = (0..m).flat_map(|i| x[i * 40..i * 40 + depth].to_vec()).collect();
+        for nk in [true, false] {
+            let mut panels = AlignedVec::new();
+            // Nk: w is [n × 64], the product x·wᵀ over its first `depth` columns; Kn: [64 × n], x·w over its first rows.
+            let wd: Vec<f32> = if nk {
+                panels_nk(&w16, n, 64, &mut panels);
+                (0..n).flat_map(|j| w[j * 64..j * 64 + depth].to_vec()).collect()
+            } else {
+                panels_kn(&w16, 64, n, &mut panels);
+                w[..depth * n].to_vec()
+            };
+            for acc in [false, true] {
+                let mut c = AlignedVec::<f32>::new();
+                c.resize(m * 100);
+                c.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 7) as f32);
+                let before = c.to_vec();
+                tile_product(&mut c, 100, &xa, 64, m, &panels, 16 * 64, n, depth, acc);
+                let mut want = vec![0.0; m * n];
+                matmul_naive(&mut want, &xd, false, &wd, nk, m, n, depth, 1.0, false);
+                for i in 0..m {
+                    for j in 0..100 {
+                        let (got, old) = (c[i * 100 + j], before[i * 100 + j]);
+                        let expect = if j < n { want[i * n + j] + if acc { old } else { 0.0 } } else { old };
+                        assert!((got - expect).abs() < 1e-4, "nk={nk} acc={acc} ({i},{j}): {got} vs {expect}");
+                    }
+                }
+            }
+        }
+    }
+
     /// The Q8_0 tile product equals the f64 product of the weight's values and the activations
     /// quantized as `blocks::quantize_block`, across row offsets and a partial last block.
     #[test]

@@ -9,7 +9,9 @@ use rayon::prelude::*;
 /// `q_offset + i`; key `j` at position `j`. A key is visible when it is not in the future, not
 /// padding (`key_mask[b·kv_stride + j]`), and, with a window `w`, fewer than `w` positions back.
 /// Keys and values are `[batch, kv_heads, kv_stride, head_dim]` of which the first `kv_len`
-/// positions are used (`kv_stride` > `kv_len` for a KV cache with room to grow).
+/// positions are used (`kv_stride` > `kv_len` for a KV cache with room to grow). With `tiles`, the
+/// products of many queries run on AMX bf16 tiles where the CPU has them (`attention_tiles`): set
+/// for a base whose linear products round to bf16 there already.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
     pub batch: usize,
@@ -21,6 +23,7 @@ pub struct AttnShape {
     pub head_dim: usize,
     pub q_offset: usize,
     pub window: Option<usize>,
+    pub tiles: bool,
 }
 
 impl AttnShape {
@@ -71,6 +74,10 @@ fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
     let _timer = crate::profile::time(crate::profile::Phase::Attention);
     if s.q_len >= GEMM_MIN_QUERIES {
+        #[cfg(target_arch = "x86_64")]
+        if s.tiles && super::attention_tiles::usable(&s) {
+            return super::attention_tiles::forward(q, k, v, key_mask, s, out, lse);
+        }
         forward_gemm(q, k, v, key_mask, s, out, lse)
     } else {
         forward_rows(q, k, v, key_mask, s, out, lse)
@@ -148,6 +155,10 @@ pub fn attention_backward(
 ) {
     let _timer = crate::profile::time(crate::profile::Phase::Attention);
     if s.q_len >= GEMM_MIN_QUERIES {
+        #[cfg(target_arch = "x86_64")]
+        if s.tiles && super::attention_tiles::usable(&s) {
+            return super::attention_tiles::backward(q, k, v, key_mask, s, out, lse, dout, dq, dk, dv);
+        }
         backward_gemm(q, k, v, key_mask, s, out, lse, dout, dq, dk, dv)
     } else {
         backward_rows(q, k, v, key_mask, s, out, lse, dout, dq, dk, dv)
@@ -218,14 +229,29 @@ fn backward_rows(
 /// The score tile of one head: `p[i][j]` = exp(scale·q_i·k_j − lse_i) for visible keys, else 0.
 /// With `lse` = None each row is normalized by its own sum and its log-sum-exp is written to
 /// `lse_out` (forward); with the stored `lse` the forward's probabilities are recomputed (backward).
-/// Only each row's causal window is exponentiated.
 fn probabilities(qh: &[f32], kb: &[f32], mask: &[bool], s: &AttnShape, p: &mut [f32], lse: Option<&[f32]>, lse_out: Option<&mut [f32]>) {
     let (hd, tq, tk) = (s.head_dim, s.q_len, s.kv_len);
     let scale = 1.0 / (hd as f32).sqrt();
     super::matmul(p, qh, false, kb, true, tq, tk, hd, scale, false);
+    softmax_rows(p, tk, 1.0, mask, s, lse, lse_out);
+}
+
+/// Turns the scores in `p` (`s.q_len` rows of `stride` values; column `j < s.kv_len` holds
+/// q_i·k_j) into `probabilities`, their scale applied here. Every column outside a row's visible
+/// keys becomes 0, the padding up to `stride` included. Only each row's causal window is
+/// exponentiated.
+pub(super) fn softmax_rows(
+    p: &mut [f32],
+    stride: usize,
+    scale: f32,
+    mask: &[bool],
+    s: &AttnShape,
+    lse: Option<&[f32]>,
+    lse_out: Option<&mut [f32]>,
+) {
     let mut lse_out = lse_out;
-    for i in 0..tq {
-        let row = &mut p[i * tk..(i + 1) * tk];
+    for i in 0..s.q_len {
+        let row = &mut p[i * stride..(i + 1) * stride];
         let range = s.key_range(i);
         row[..range.start].fill(0.0);
         row[range.end..].fill(0.0);
@@ -238,16 +264,16 @@ fn probabilities(qh: &[f32], kb: &[f32], mask: &[bool], s: &AttnShape, p: &mut [
         let l = match lse {
             Some(l) => {
                 if l[i] != f32::NEG_INFINITY {
-                    super::fastexp::exp_shifted_sum(vis, l[i]);
+                    super::fastexp::exp_shifted_sum(vis, scale, l[i]);
                 }
                 l[i]
             }
             None => {
-                let m = vis.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let m = scale * vis.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 if m == f32::NEG_INFINITY {
                     m
                 } else {
-                    let z = super::fastexp::exp_shifted_sum(vis, m);
+                    let z = super::fastexp::exp_shifted_sum(vis, scale, m);
                     let inv = (1.0 / z) as f32;
                     vis.iter_mut().for_each(|x| *x *= inv);
                     m + (z as f32).ln()
@@ -268,10 +294,10 @@ fn probabilities(qh: &[f32], kb: &[f32], mask: &[bool], s: &AttnShape, p: &mut [
 
 /// Query rows per tile in the GEMM path: a tile only multiplies against the keys up to its last
 /// query (causal), which skips most of the upper triangle.
-const QUERY_TILE: usize = 128;
+pub(super) const QUERY_TILE: usize = 128;
 
 /// The tiles of `s`'s queries: (first query, tile shape seeing keys 0..kv_len of the tile).
-fn query_tiles(s: &AttnShape) -> impl Iterator<Item = (usize, AttnShape)> + '_ {
+pub(super) fn query_tiles(s: &AttnShape) -> impl Iterator<Item = (usize, AttnShape)> + '_ {
     (0..s.q_len).step_by(QUERY_TILE).map(move |r0| {
         let r1 = (r0 + QUERY_TILE).min(s.q_len);
         let kv_len = (s.q_offset + r1).min(s.kv_len);
@@ -362,7 +388,7 @@ mod tests {
     use crate::rng::Rng;
 
     fn shape(window: Option<usize>) -> AttnShape {
-        AttnShape { batch: 2, heads: 4, kv_heads: 2, q_len: 6, kv_len: 6, kv_stride: 6, head_dim: 8, q_offset: 0, window }
+        AttnShape { batch: 2, heads: 4, kv_heads: 2, q_len: 6, kv_len: 6, kv_stride: 6, head_dim: 8, q_offset: 0, window, tiles: false }
     }
 
     fn mask() -> Vec<bool> {
@@ -438,7 +464,18 @@ mod tests {
     #[test]
     fn offset_queries_match_the_tail_of_a_full_pass() {
         // Decoding with a cache: the last 2 queries against all 6 keys equal rows 4..6 of the full pass.
-        let full = AttnShape { batch: 1, heads: 2, kv_heads: 1, q_len: 6, kv_len: 6, kv_stride: 6, head_dim: 8, q_offset: 0, window: None };
+        let full = AttnShape {
+            batch: 1,
+            heads: 2,
+            kv_heads: 1,
+            q_len: 6,
+            kv_len: 6,
+            kv_stride: 6,
+            head_dim: 8,
+            q_offset: 0,
+            window: None,
+            tiles: false,
+        };
         let mut rng = Rng::new(2);
         let q = randn(&mut rng, 2 * 6 * 8, 1.0);
         let k = randn(&mut rng, 6 * 8, 1.0);
@@ -468,7 +505,18 @@ mod tests {
     fn gemm_and_row_paths_agree() {
         const T: usize = 300; // three query tiles, the last one partial
         for window in [None, Some(7)] {
-            let s = AttnShape { batch: 2, heads: 4, kv_heads: 2, q_len: T, kv_len: T, kv_stride: T, head_dim: 16, q_offset: 0, window };
+            let s = AttnShape {
+                batch: 2,
+                heads: 4,
+                kv_heads: 2,
+                q_len: T,
+                kv_len: T,
+                kv_stride: T,
+                head_dim: 16,
+                q_offset: 0,
+                window,
+                tiles: false,
+            };
             let mut rng = Rng::new(21);
             let nq = 2 * 4 * T * 16;
             let nk = 2 * 2 * T * 16;

@@ -144,7 +144,7 @@ pub fn lm_head_cross_entropy(
                 let target_logit = row[t];
                 let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 // One exp per logit: keep exp(v - m), then scale it into the softmax gradient.
-                let z = super::fastexp::exp_shifted_sum(row, m);
+                let z = super::fastexp::exp_shifted_sum(row, 1.0, m);
                 let loss = m as f64 + z.ln() - target_logit as f64;
                 let k = (grad_scale as f64 / z) as f32;
                 for v in row.iter_mut() {

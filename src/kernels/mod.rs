@@ -27,6 +27,8 @@ pub mod amx {
     }
 }
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_tiles;
 pub mod blocks;
 pub mod dropout;
 pub mod fastexp;

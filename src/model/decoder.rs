@@ -326,6 +326,14 @@ impl DecoderModel {
         }
     }
 
+    /// Whether attention's products run on AMX bf16 tiles: when the linear products do (a base
+    /// stored as bf16, Q8_0 or Q4_1 on a CPU with AMX), so that one precision runs through the
+    /// model, as in PyTorch's bf16.
+    fn attention_on_tiles(&self) -> bool {
+        crate::kernels::amx::available()
+            && self.layers.first().is_some_and(|l| l.linear[ModuleKind::Q.index()].w.format() != WeightFormat::F32)
+    }
+
     /// Whether a module carries a (frozen) bias under `config`.
     fn module_has_bias(c: &DecoderConfig, kind: ModuleKind) -> bool {
         match kind {
@@ -423,6 +431,7 @@ impl DecoderModel {
             head_dim: c.head_dim,
             q_offset: past,
             window: c.sliding_window,
+            tiles: self.attention_on_tiles(),
         };
         let positions: Vec<u32> = (0..batch * q_len).map(|i| (past + i % q_len) as u32).collect();
         StepCtx { shape, key_mask, angles: RopeAngles::new(&self.inv_freq, &positions) }
@@ -548,6 +557,7 @@ impl DecoderModel {
                         head_dim: hd,
                         q_offset: past,
                         window: c.sliding_window,
+                        tiles: self.attention_on_tiles(),
                     };
                     let mut attn = vec![0.0; q.len()];
                     let mut lse = vec![0.0; s.new * heads];
