@@ -4,7 +4,7 @@
 //! as in PyTorch's bf16 autocast; the weights are bf16 as stored, or a Q8_0/Q4_1 weight
 //! dequantized and rounded to bf16 (`gemv::dequantize_bf16_parallel`).
 //!
-//! Shape of the computation: A (`[m × k]`, f32, converted to bf16 rows padded to whole tiles) times
+//! Shape of the computation: A (`[m × k]`, f32, converted to bf16 tiles padded to whole tiles) times
 //! B (the weight, repacked per call into column panels of 16 in the VNNI layout the tile unit reads:
 //! tile row j holds, for each of 16 columns, the bf16 pair at depths 2j and 2j+1). The microkernel
 //! keeps a 32×32 block of C in four tile registers. Rust has no stable AMX intrinsics, so the tile
@@ -83,34 +83,33 @@ fn configure_tiles() {
     })
 }
 
-/// `out[32×32]` (row stride 32) = A rows `[32 × 32·depth_steps]` (`a_stride` bytes apart) times
-/// two B panels, each `depth_steps` tiles of 1 KiB.
+/// `out[32×32]` (row stride 32) = two groups of A tiles (`a0`, `a1`: 16 rows each, `depth_steps`
+/// tiles of 1 KiB as `pack_a` lays them out) times two B panels, each `depth_steps` tiles of 1 KiB.
 ///
 /// # Safety
-/// Tiles configured on this thread; `a` readable for 32 rows of `64·depth_steps` bytes, each
-/// panel for `1024·depth_steps` bytes, `out` writable for 1024 f32.
+/// Tiles configured on this thread; `a0`, `a1`, `b0`, `b1` readable for `1024·depth_steps`
+/// bytes, `out` writable for 1024 f32.
 #[inline(always)]
-unsafe fn microkernel(a: *const u16, a_stride: usize, b0: *const u16, b1: *const u16, depth_steps: usize, out: *mut f32) {
-    let a1 = a.byte_add(16 * a_stride);
+unsafe fn microkernel(a0: *const u16, a1: *const u16, b0: *const u16, b1: *const u16, depth_steps: usize, out: *mut f32) {
     asm!(
         "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
         "2:",
-        "tileloadd tmm4, [{a0} + {a_stride}*1]",
-        "tileloadd tmm6, [{b0} + {b_stride}*1]",
+        "tileloadd tmm4, [{a0} + {stride}*1]",
+        "tileloadd tmm6, [{b0} + {stride}*1]",
         "tdpbf16ps tmm0, tmm4, tmm6",
-        "tileloadd tmm7, [{b1} + {b_stride}*1]",
+        "tileloadd tmm7, [{b1} + {stride}*1]",
         "tdpbf16ps tmm1, tmm4, tmm7",
-        "tileloadd tmm5, [{a1} + {a_stride}*1]",
+        "tileloadd tmm5, [{a1} + {stride}*1]",
         "tdpbf16ps tmm2, tmm5, tmm6",
         "tdpbf16ps tmm3, tmm5, tmm7",
-        "add {a0}, 64", "add {a1}, 64", "add {b0}, 1024", "add {b1}, 1024",
+        "add {a0}, 1024", "add {a1}, 1024", "add {b0}, 1024", "add {b1}, 1024",
         "dec {steps}", "jnz 2b",
         "tilestored [{c00} + {c_stride}*1], tmm0",
         "tilestored [{c01} + {c_stride}*1], tmm1",
         "tilestored [{c10} + {c_stride}*1], tmm2",
         "tilestored [{c11} + {c_stride}*1], tmm3",
-        a0 = inout(reg) a => _, a1 = inout(reg) a1 => _, b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _,
-        steps = inout(reg) depth_steps => _, a_stride = in(reg) a_stride, b_stride = in(reg) 64usize,
+        a0 = inout(reg) a0 => _, a1 = inout(reg) a1 => _, b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _,
+        steps = inout(reg) depth_steps => _, stride = in(reg) 64usize,
         c00 = in(reg) out, c01 = in(reg) out.add(16), c10 = in(reg) out.add(16 * NR), c11 = in(reg) out.add(16 * NR + 16),
         c_stride = in(reg) 4 * NR,
         options(nostack)
@@ -172,16 +171,21 @@ fn prepare(out: &mut AlignedVec<u16>, len: usize, k: usize, kp: usize) {
     out.resize(len);
 }
 
-/// `a` as bf16 rows of `kp` values, `mp` rows (rows past `m` are padding).
+/// `a` as bf16 A tiles in the order the microkernel reads them: per group of 16 rows (`mp / 16`
+/// groups, rows past `m` padding), its `kp / 32` tiles of 16 rows × 32 values, each 1 KiB —
+/// so each operand of a product step is one contiguous KiB, like the B panels' tiles.
 fn pack_a(a: &[f32], m: usize, k: usize, mp: usize, kp: usize, out: &mut AlignedVec<u16>) {
     prepare(out, mp * kp, k, kp);
-    out.par_chunks_mut(kp * 16).enumerate().for_each(|(chunk, dst)| {
-        for (i, row) in dst.chunks_mut(kp).enumerate() {
-            let r = chunk * 16 + i;
-            if r < m {
-                for (d, &s) in row.iter_mut().zip(&a[r * k..(r + 1) * k]) {
-                    *d = to_bf16(s);
-                }
+    out.par_chunks_mut(kp * 16).enumerate().for_each(|(group, dst)| {
+        for i in 0..16 {
+            let r = group * 16 + i;
+            if r >= m {
+                continue;
+            }
+            let row = &a[r * k..(r + 1) * k];
+            for (t, src) in row.chunks(KR).enumerate() {
+                let tile_row = &mut dst[(t * 16 + i) * KR..][..src.len()];
+                tile_row.iter_mut().zip(src).for_each(|(d, &s)| *d = to_bf16(s));
             }
         }
     });
@@ -341,9 +345,18 @@ fn multiply(c: &mut [f32], a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usi
             let panels = &b16[2 * nb * 16 * kp..(2 * nb + 2) * 16 * kp];
             for mb in tm * TASK_M..((tm + 1) * TASK_M).min(m_blocks) {
                 let a_rows = &a16[mb * MR * kp..(mb + 1) * MR * kp];
-                // SAFETY: tiles configured above; `a_rows` is 32 rows of kp bf16, each panel
-                // kp/32 tiles of 1 KiB, `block` 32×32 f32.
-                unsafe { microkernel(a_rows.as_ptr(), 2 * kp, panels.as_ptr(), panels[16 * kp..].as_ptr(), kp / KR, block.0.as_mut_ptr()) };
+                // SAFETY: tiles configured above; `a_rows` is two groups of kp/32 A tiles of
+                // 1 KiB, each panel kp/32 tiles of 1 KiB, `block` 32×32 f32.
+                unsafe {
+                    microkernel(
+                        a_rows.as_ptr(),
+                        a_rows[16 * kp..].as_ptr(),
+                        panels.as_ptr(),
+                        panels[16 * kp..].as_ptr(),
+                        kp / KR,
+                        block.0.as_mut_ptr(),
+                    )
+                };
                 let (rows, cols) = ((m - mb * MR).min(MR), (n - nb * NR).min(NR));
                 for (i, src) in block.0.chunks(NR).take(rows).enumerate() {
                     // SAFETY: row mb·32 + i < m and columns nb·32 .. +cols < n lie in `c`, and no
