@@ -328,8 +328,13 @@ unsafe impl Sync for SharedC {}
 #[repr(C, align(64))]
 struct Block([f32; MR * NR]);
 
-/// C blocks of 32×32 computed by rayon tasks of 4×2 blocks; each task writes only its own rows ×
-/// columns of `c`.
+/// Rows of A per pass of `multiply`: a pass's packed rows (576 KiB at a depth of 576) stay in a
+/// core's second-level cache while the weight panels stream past them once. With all rows in one
+/// pass (2048 in a 4×512 batch), every panel pair re-read them from the shared cache.
+const PASS_ROWS: usize = 512;
+
+/// C blocks of 32×32 computed by rayon tasks of 4×2 blocks, in passes of `PASS_ROWS` rows; each
+/// task writes only its own rows × columns of `c`.
 #[allow(clippy::too_many_arguments)]
 fn multiply(c: &mut [f32], a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usize, alpha: f32, accumulate: bool) {
     const TASK_M: usize = 4;
@@ -337,40 +342,44 @@ fn multiply(c: &mut [f32], a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usi
     let (m_blocks, n_blocks) = (m.div_ceil(MR), n.div_ceil(NR));
     let (tasks_m, tasks_n) = (m_blocks.div_ceil(TASK_M), n_blocks.div_ceil(TASK_N));
     let shared = SharedC(c.as_mut_ptr());
-    (0..tasks_m * tasks_n).into_par_iter().for_each(|task| {
-        configure_tiles();
-        let (tm, tn) = (task % tasks_m, task / tasks_m);
-        let mut block = Block([0.0; MR * NR]);
-        for nb in tn * TASK_N..((tn + 1) * TASK_N).min(n_blocks) {
-            let panels = &b16[2 * nb * 16 * kp..(2 * nb + 2) * 16 * kp];
-            for mb in tm * TASK_M..((tm + 1) * TASK_M).min(m_blocks) {
-                let a_rows = &a16[mb * MR * kp..(mb + 1) * MR * kp];
-                // SAFETY: tiles configured above; `a_rows` is two groups of kp/32 A tiles of
-                // 1 KiB, each panel kp/32 tiles of 1 KiB, `block` 32×32 f32.
-                unsafe {
-                    microkernel(
-                        a_rows.as_ptr(),
-                        a_rows[16 * kp..].as_ptr(),
-                        panels.as_ptr(),
-                        panels[16 * kp..].as_ptr(),
-                        kp / KR,
-                        block.0.as_mut_ptr(),
-                    )
-                };
-                let (rows, cols) = ((m - mb * MR).min(MR), (n - nb * NR).min(NR));
-                for (i, src) in block.0.chunks(NR).take(rows).enumerate() {
-                    // SAFETY: row mb·32 + i < m and columns nb·32 .. +cols < n lie in `c`, and no
-                    // other task has this (mb, nb) block.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(shared.at((mb * MR + i) * n + nb * NR), cols) };
-                    if accumulate {
-                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += alpha * s);
-                    } else {
-                        dst.iter_mut().zip(src).for_each(|(d, s)| *d = alpha * s);
+    let pass = PASS_ROWS / (MR * TASK_M);
+    for first in (0..tasks_m).step_by(pass) {
+        let task_rows = pass.min(tasks_m - first);
+        (0..task_rows * tasks_n).into_par_iter().for_each(|task| {
+            configure_tiles();
+            let (tm, tn) = (first + task % task_rows, task / task_rows);
+            let mut block = Block([0.0; MR * NR]);
+            for nb in tn * TASK_N..((tn + 1) * TASK_N).min(n_blocks) {
+                let panels = &b16[2 * nb * 16 * kp..(2 * nb + 2) * 16 * kp];
+                for mb in tm * TASK_M..((tm + 1) * TASK_M).min(m_blocks) {
+                    let a_rows = &a16[mb * MR * kp..(mb + 1) * MR * kp];
+                    // SAFETY: tiles configured above; `a_rows` is two groups of kp/32 A tiles of
+                    // 1 KiB, each panel kp/32 tiles of 1 KiB, `block` 32×32 f32.
+                    unsafe {
+                        microkernel(
+                            a_rows.as_ptr(),
+                            a_rows[16 * kp..].as_ptr(),
+                            panels.as_ptr(),
+                            panels[16 * kp..].as_ptr(),
+                            kp / KR,
+                            block.0.as_mut_ptr(),
+                        )
+                    };
+                    let (rows, cols) = ((m - mb * MR).min(MR), (n - nb * NR).min(NR));
+                    for (i, src) in block.0.chunks(NR).take(rows).enumerate() {
+                        // SAFETY: row mb·32 + i < m and columns nb·32 .. +cols < n lie in `c`, and no
+                        // other task has this (mb, nb) block.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(shared.at((mb * MR + i) * n + nb * NR), cols) };
+                        if accumulate {
+                            dst.iter_mut().zip(src).for_each(|(d, s)| *d += alpha * s);
+                        } else {
+                            dst.iter_mut().zip(src).for_each(|(d, s)| *d = alpha * s);
+                        }
                     }
                 }
             }
-        }
-    });
+        });
+    }
 }
 
 // ---- Serial products on operands the caller packs and reuses (attention) ----

@@ -4,6 +4,7 @@
 //! backward with a low-rank update. A model family calls these; it never touches adapter
 //! storage, and an adapter never sees the architecture.
 
+use super::buffers;
 use super::frozen::FrozenMatrix;
 use crate::kernels::dropout::DropoutMask;
 use crate::kernels::matmul;
@@ -155,7 +156,7 @@ pub(crate) fn linear_forward(
         Some(rng) if lr.dropout > 0.0 => Some(DropoutMask::sample(rng, x.len(), lr.dropout)),
         _ => None,
     };
-    let dropped: Option<Vec<f32>> = keep.as_ref().map(|k| k.apply(x));
+    let dropped = keep.as_ref().map(|k| dropped_copy(k, x));
     let u = add_lowrank(&lr, dropped.as_deref().unwrap_or(x), rows, lin.in_features, lin.out_features, y);
     Some(LowRankActs { u, keep })
 }
@@ -179,6 +180,13 @@ fn add_lowrank(lr: &LowRank, x: &[f32], rows: usize, inf: usize, outf: usize, y:
     matmul(&mut u, x, false, lr.a, true, rows, lr.r, inf, 1.0, false);
     matmul(y, &u, false, lr.b, true, rows, outf, lr.r, lr.scale, true);
     u
+}
+
+/// `x` with dropout's mask applied, in a recycled buffer (it is as large as the module's input).
+fn dropped_copy(keep: &DropoutMask, x: &[f32]) -> buffers::Buf {
+    let mut d = buffers::copy_of(x);
+    keep.apply_in_place(&mut d);
+    d
 }
 
 /// Up to this many rows the low-rank products run as plain loops (`add_lowrank`).
@@ -226,13 +234,13 @@ pub(crate) fn linear_backward(
     let mut g = vec![0.0; rows * r];
     matmul(&mut g, dy, false, lr.b, false, rows, r, outf, 1.0, false);
     matmul(gb, dy, true, &acts.u, false, outf, r, rows, lr.scale, true);
-    let dropped: Option<Vec<f32>> = acts.keep.as_ref().map(|k| k.apply(x));
+    let dropped = acts.keep.as_ref().map(|k| dropped_copy(k, x));
     matmul(ga, &g, true, dropped.as_deref().unwrap_or(x), false, r, inf, rows, lr.scale, true);
     if let Some(dx) = dx {
         match &acts.keep {
             None => matmul(dx, &g, false, lr.a, false, rows, inf, r, lr.scale, true),
             Some(keep) => {
-                let mut t = vec![0.0; rows * inf];
+                let mut t = buffers::take(rows * inf);
                 matmul(&mut t, &g, false, lr.a, false, rows, inf, r, lr.scale, false);
                 keep.apply_in_place(&mut t);
                 dx.iter_mut().zip(&t).for_each(|(d, t)| *d += t);

@@ -8,6 +8,7 @@ use super::adapt::{
     linear_backward, linear_forward, linear_forward_segments, module_name, project, Linear, LowRank, LowRankActs, LowRankSource,
     ModuleKind, ModuleSpec, Segment,
 };
+use super::buffers::{self, Buf};
 use super::config::DecoderConfig;
 use super::frozen::{FrozenMatrix, WeightFormat};
 use super::weights::{TensorStore, WeightSource};
@@ -160,47 +161,47 @@ struct SeqRows<'a> {
 }
 
 /// Runs one linear module of a layer on token rows: (module, input, output width) → output.
-type Project<'a> = dyn FnMut(ModuleKind, &[f32], usize) -> Vec<f32> + 'a;
+type Project<'a> = dyn FnMut(ModuleKind, &[f32], usize) -> Buf + 'a;
 /// Token-major q, k, v → token-major attention output, and what backward needs of it.
-type Attend<'a> = dyn FnMut(&[f32], &[f32], &[f32]) -> (Vec<f32>, Option<AttnActs>) + 'a;
+type Attend<'a> = dyn FnMut(&[f32], &[f32], &[f32]) -> (Buf, Option<AttnActs>) + 'a;
 /// A run of a step's rows and the adapter (with its scale) they run with.
 type RowRun<'a> = (std::ops::Range<usize>, Option<(&'a dyn LowRankSource, f32)>);
 
 /// What a layer's attention keeps for the backward pass (head-major).
 struct AttnActs {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn: Vec<f32>,
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    attn: Buf,
     lse: Vec<f32>,
 }
 
 /// What one layer pass produced besides its output.
 struct PassActs {
-    x_in: Vec<f32>,
+    x_in: Buf,
     rstd1: Vec<f32>,
     attn: Option<AttnActs>,
-    h2: Vec<f32>,
+    h2: Buf,
     rstd2: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    gate: Buf,
+    up: Buf,
 }
 
 /// Everything one layer's backward reads. Head-major tensors are `[batch, heads, seq, head_dim]`.
 /// Cheap elementwise results (normed inputs, the SwiGLU output, the token-major attention
 /// output) are recomputed in the backward pass instead of being kept.
 struct LayerActs {
-    x_in: Vec<f32>,
+    x_in: Buf,
     rstd1: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn: Vec<f32>,
+    q: Buf,
+    k: Buf,
+    v: Buf,
+    attn: Buf,
     lse: Vec<f32>,
-    h2: Vec<f32>,
+    h2: Buf,
     rstd2: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    gate: Buf,
+    up: Buf,
     lowrank: Vec<Option<LowRankActs>>,
 }
 
@@ -450,8 +451,8 @@ impl DecoderModel {
         let layer = &self.layers[l];
         let (d, hd) = (c.hidden_size, c.head_dim);
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
-        let x_in = h.to_vec();
-        let mut xn1 = vec![0.0; n * d];
+        let x_in = buffers::copy_of(h);
+        let mut xn1 = buffers::take(n * d);
         let mut rstd1 = vec![0.0; n];
         rmsnorm_forward(h, &layer.attn_norm, c.rms_norm_eps, &mut xn1, &mut rstd1);
         let q_tok = proj(ModuleKind::Q, &xn1, qd);
@@ -463,13 +464,13 @@ impl DecoderModel {
             *hv += ov;
         }
 
-        let h2 = h.to_vec();
-        let mut xn2 = vec![0.0; n * d];
+        let h2 = buffers::copy_of(h);
+        let mut xn2 = buffers::take(n * d);
         let mut rstd2 = vec![0.0; n];
         rmsnorm_forward(h, &layer.mlp_norm, c.rms_norm_eps, &mut xn2, &mut rstd2);
         let gate = proj(ModuleKind::Gate, &xn2, c.intermediate_size);
         let up = proj(ModuleKind::Up, &xn2, c.intermediate_size);
-        let mut act = vec![0.0; gate.len()];
+        let mut act = buffers::take(gate.len());
         activations::swiglu_forward(&gate, &up, &mut act);
         let m = proj(ModuleKind::Down, &act, d);
         for (hv, mv) in h.iter_mut().zip(&m) {
@@ -486,20 +487,20 @@ impl DecoderModel {
         let n = ctx.tokens();
         let mut lowrank: Vec<Option<LowRankActs>> = (0..ModuleKind::ALL.len()).map(|_| None).collect();
         let mut proj = |k: ModuleKind, x: &[f32], out: usize| {
-            let mut y = vec![0.0; n * out];
+            let mut y = buffers::take(n * out);
             lowrank[k.index()] = linear_forward(&layer.linear[k.index()], ad.lookup(l, k), x, n, &mut y, rng.as_deref_mut());
             y
         };
         let mut attend = |q_tok: &[f32], k_tok: &[f32], v_tok: &[f32]| {
             let (ql, kl) = (ctx.layout(c.num_heads), ctx.layout(c.num_kv_heads));
-            let (mut q, mut k, mut v) = (vec![0.0; q_tok.len()], vec![0.0; k_tok.len()], vec![0.0; v_tok.len()]);
+            let (mut q, mut k, mut v) = (buffers::take(q_tok.len()), buffers::take(k_tok.len()), buffers::take(v_tok.len()));
             to_heads(q_tok, &mut q, ql, Some(&ctx.angles));
             to_heads(k_tok, &mut k, kl, Some(&ctx.angles));
             to_heads(v_tok, &mut v, kl, None);
-            let mut attn = vec![0.0; q.len()];
+            let mut attn = buffers::take(q.len());
             let mut lse = vec![0.0; n * c.num_heads];
             attention_forward(&q, &k, &v, ctx.key_mask, ctx.shape, &mut attn, &mut lse);
-            let mut attn_tokens = vec![0.0; q.len()];
+            let mut attn_tokens = buffers::take(q.len());
             from_heads(&attn, &mut attn_tokens, ql, None);
             (attn_tokens, Some(AttnActs { q, k, v, attn, lse }))
         };
@@ -524,7 +525,7 @@ impl DecoderModel {
                     lowrank: ad.and_then(|(src, scale)| src.lookup(l, k).map(|lr| LowRank { scale: lr.scale * scale, ..lr })),
                 })
                 .collect();
-            let mut y = vec![0.0; n * out];
+            let mut y = buffers::take(n * out);
             linear_forward_segments(&layer.linear[k.index()], &segs, x, n, &mut y);
             y
         };
@@ -574,7 +575,7 @@ impl DecoderModel {
             for i in order {
                 out.extend_from_slice(&per_seq[i]);
             }
-            (out, None)
+            (Buf::from(out), None)
         };
         self.layer_pass(l, h, n, &mut proj, &mut attend);
     }
@@ -602,9 +603,9 @@ impl DecoderModel {
         // MLP: h3 = h2 + down(swiglu(gate(xn2), up(xn2))), xn2 = rmsnorm(h2). The [tokens ×
         // intermediate] buffers are the largest of the step: two live at once (the SwiGLU output
         // becomes dL/dup, dL/dact becomes dL/dgate).
-        let mut act = vec![0.0; n * inter];
+        let mut act = buffers::take(n * inter);
         activations::swiglu_forward(&a.gate, &a.up, &mut act);
-        let mut dact = vec![0.0; n * inter];
+        let mut dact = buffers::take(n * inter);
         linear_backward(
             lin(ModuleKind::Down),
             ad.lookup(l, ModuleKind::Down),
@@ -618,9 +619,9 @@ impl DecoderModel {
         );
         let (mut dgate, mut dup) = (dact, act);
         activations::swiglu_backward(&a.gate, &a.up, &mut dgate, &mut dup);
-        let mut xn2 = vec![0.0; n * d];
+        let mut xn2 = buffers::take(n * d);
         rmsnorm_apply(&a.h2, &layer.mlp_norm, &a.rstd2, &mut xn2);
-        let mut dxn2 = vec![0.0; n * d];
+        let mut dxn2 = buffers::take(n * d);
         linear_backward(
             lin(ModuleKind::Gate),
             ad.lookup(l, ModuleKind::Gate),
@@ -647,9 +648,9 @@ impl DecoderModel {
 
         // Attention: h2 = x + o_proj(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))), xn1 = rmsnorm(x)
         let (ql, kl) = (ctx.layout(c.num_heads), ctx.layout(c.num_kv_heads));
-        let mut attn_tokens = vec![0.0; n * qd];
+        let mut attn_tokens = buffers::take(n * qd);
         from_heads(&a.attn, &mut attn_tokens, ql, None);
-        let mut dattn_tok = vec![0.0; n * qd];
+        let mut dattn_tok = buffers::take(n * qd);
         linear_backward(
             lin(ModuleKind::O),
             ad.lookup(l, ModuleKind::O),
@@ -664,22 +665,22 @@ impl DecoderModel {
         // Each buffer goes as soon as it is consumed (the backward's peak is the kept activations
         // plus what one section holds).
         drop(attn_tokens);
-        let mut dattn = vec![0.0; n * qd];
+        let mut dattn = buffers::take(n * qd);
         to_heads(&dattn_tok, &mut dattn, ql, None);
         drop(dattn_tok);
-        let (mut dq, mut dk, mut dv) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
+        let (mut dq, mut dk, mut dv) = (buffers::take(n * qd), buffers::take(n * kvd), buffers::take(n * kvd));
         attention_backward(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &a.attn, &a.lse, &dattn, &mut dq, &mut dk, &mut dv);
         drop(dattn);
-        let (mut dq_tok, mut dk_tok, mut dv_tok) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
+        let (mut dq_tok, mut dk_tok, mut dv_tok) = (buffers::take(n * qd), buffers::take(n * kvd), buffers::take(n * kvd));
         from_heads(&dq, &mut dq_tok, ql, Some(&ctx.angles));
         from_heads(&dk, &mut dk_tok, kl, Some(&ctx.angles));
         from_heads(&dv, &mut dv_tok, kl, None);
         drop((dq, dk, dv));
-        let mut xn1 = vec![0.0; n * d];
+        let mut xn1 = buffers::take(n * d);
         rmsnorm_apply(&a.x_in, &layer.attn_norm, &a.rstd1, &mut xn1);
-        let mut dxn1 = if need_input_grad { vec![0.0; n * d] } else { Vec::new() };
+        let mut dxn1 = buffers::take(if need_input_grad { n * d } else { 0 });
         for (i, (kind, dy)) in [(ModuleKind::Q, &dq_tok), (ModuleKind::K, &dk_tok), (ModuleKind::V, &dv_tok)].into_iter().enumerate() {
-            let dx = if need_input_grad { Some(dxn1.as_mut_slice()) } else { None };
+            let dx = if need_input_grad { Some(&mut dxn1[..]) } else { None };
             linear_backward(lin(kind), ad.lookup(l, kind), lra(kind), &xn1, dy, n, grads, dx, i > 0);
         }
         if need_input_grad {

@@ -1,6 +1,7 @@
 //! Model architectures: configuration, weight files and the decoder family's forward/backward.
 
 pub mod adapt;
+pub mod buffers;
 pub mod config;
 pub mod decoder;
 pub mod export;
