@@ -27,7 +27,7 @@ pub struct AttnShape {
 }
 
 impl AttnShape {
-    fn group(&self) -> usize {
+    pub(super) fn group(&self) -> usize {
         assert!(self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads), "heads must be a multiple of kv_heads");
         self.heads / self.kv_heads
     }

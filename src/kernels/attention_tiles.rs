@@ -64,7 +64,7 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 /// The forward of `attention::attention_forward` on tiles (see the module comment).
 pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
     let (hd, tq, tk, ts) = (s.head_dim, s.q_len, s.kv_len, s.kv_stride);
-    let g = s.heads / s.kv_heads;
+    let g = s.group();
     assert!(usable(&s) && tk <= ts && q.len() == s.batch * s.heads * tq * hd && k.len() == s.batch * s.kv_heads * ts * hd);
     assert!(v.len() == k.len() && key_mask.len() == s.batch * ts && out.len() == q.len() && lse.len() == s.batch * s.heads * tq);
     let tk_p = tk.next_multiple_of(32);
@@ -122,7 +122,7 @@ pub(super) fn backward(
     dv: &mut [f32],
 ) {
     let (hd, tq, tk) = (s.head_dim, s.q_len, s.kv_len);
-    let g = s.heads / s.kv_heads;
+    let g = s.group();
     assert!(usable(&s) && s.kv_stride == tk, "backward runs on whole sequences, not on a cache");
     assert!(dq.len() == q.len() && dk.len() == k.len() && dv.len() == v.len() && dout.len() == out.len());
     let (tq_p, tk_p) = (tq.next_multiple_of(32), tk.next_multiple_of(32));
