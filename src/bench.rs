@@ -307,8 +307,8 @@ pub fn gemm(n: usize, repeats: usize) -> Result<Value> {
             let g: Vec<f32> = (0..m * nn).map(|_| rng.normal()).collect();
             let w: Vec<u16> = (0..nn * k).map(|_| half::bf16::from_f32(rng.normal()).to_bits()).collect();
             let (mut c, mut dx) = (vec![0.0; m * nn], vec![0.0; m * k]);
-            let forward = gflops(m * k * nn, repeats, || matmul_bf16(&mut c, &a, m, k, Weight::Nk(&w), nn, 1.0, false));
-            let backward = gflops(m * k * nn, repeats, || matmul_bf16(&mut dx, &g, m, nn, Weight::Kn(&w), k, 1.0, false));
+            let forward = gflops(m * k * nn, repeats, || matmul_bf16(&mut c, nn, &a, k, m, k, Weight::Nk(&w), nn, 1.0, false));
+            let backward = gflops(m * k * nn, repeats, || matmul_bf16(&mut dx, k, &g, nn, m, nn, Weight::Kn(&w), k, 1.0, false));
             shapes.insert(format!("{m}x{k}x{nn}"), json!({"forward": forward, "input_gradient": backward}));
         }
         shapes

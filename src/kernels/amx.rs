@@ -83,35 +83,59 @@ fn configure_tiles() {
     })
 }
 
-/// `out[32×32]` (row stride 32) = two groups of A tiles (`a0`, `a1`: 16 rows each, `depth_steps`
-/// tiles of 1 KiB as `pack_a` lays them out) times two B panels, each `depth_steps` tiles of 1 KiB.
+/// C (32×32 f32, rows `c_stride` bytes apart) `=` or, with `accumulate`, `+=` two groups of 16
+/// A rows times two B panels, over `depth_steps` steps of 32 depth values; C's four tiles are
+/// loaded (or zeroed), updated in the tile registers and stored back.
+/// - A: row r of group g at `a[g] + r·a_row`, advancing `a_step` bytes per depth step. Row-major
+///   bf16 rows are `a_row` = the row length in bytes and `a_step` = 64; `pack_a`'s tile order is
+///   `a_row` = 64 and `a_step` = 1024 (each step's tile one contiguous KiB).
+/// - B: two panels (`panels_nk` / `panels_kn`), 1 KiB per depth step.
 ///
 /// # Safety
-/// Tiles configured on this thread; `a0`, `a1`, `b0`, `b1` readable for `1024·depth_steps`
-/// bytes, `out` writable for 1024 f32.
+/// Tiles configured on this thread; the A rows, the panels' `depth_steps` KiB and C's 32 rows of
+/// 128 bytes readable (C also writable) at the addresses above.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn microkernel(a0: *const u16, a1: *const u16, b0: *const u16, b1: *const u16, depth_steps: usize, out: *mut f32) {
+unsafe fn microkernel(
+    a: [*const u16; 2],
+    a_row: usize,
+    a_step: usize,
+    b: [*const u16; 2],
+    depth_steps: usize,
+    c: *mut f32,
+    c_stride: usize,
+    accumulate: bool,
+) {
     asm!(
+        "test {acc}, {acc}",
+        "jz 5f",
+        "tileloadd tmm0, [{c00} + {c_stride}*1]",
+        "tileloadd tmm1, [{c00} + {c_stride}*1 + 64]",
+        "tileloadd tmm2, [{c10} + {c_stride}*1]",
+        "tileloadd tmm3, [{c10} + {c_stride}*1 + 64]",
+        "jmp 2f",
+        "5:",
         "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
         "2:",
-        "tileloadd tmm4, [{a0} + {stride}*1]",
-        "tileloadd tmm6, [{b0} + {stride}*1]",
+        "tileloadd tmm4, [{a0} + {a_row}*1]",
+        "tileloadd tmm6, [{b0} + {b_row}*1]",
         "tdpbf16ps tmm0, tmm4, tmm6",
-        "tileloadd tmm7, [{b1} + {stride}*1]",
+        "tileloadd tmm7, [{b1} + {b_row}*1]",
         "tdpbf16ps tmm1, tmm4, tmm7",
-        "tileloadd tmm5, [{a1} + {stride}*1]",
+        "tileloadd tmm5, [{a1} + {a_row}*1]",
         "tdpbf16ps tmm2, tmm5, tmm6",
         "tdpbf16ps tmm3, tmm5, tmm7",
-        "add {a0}, 1024", "add {a1}, 1024", "add {b0}, 1024", "add {b1}, 1024",
+        "add {a0}, {a_step}", "add {a1}, {a_step}", "add {b0}, 1024", "add {b1}, 1024",
         "dec {steps}", "jnz 2b",
         "tilestored [{c00} + {c_stride}*1], tmm0",
-        "tilestored [{c01} + {c_stride}*1], tmm1",
+        "tilestored [{c00} + {c_stride}*1 + 64], tmm1",
         "tilestored [{c10} + {c_stride}*1], tmm2",
-        "tilestored [{c11} + {c_stride}*1], tmm3",
-        a0 = inout(reg) a0 => _, a1 = inout(reg) a1 => _, b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _,
-        steps = inout(reg) depth_steps => _, stride = in(reg) 64usize,
-        c00 = in(reg) out, c01 = in(reg) out.add(16), c10 = in(reg) out.add(16 * NR), c11 = in(reg) out.add(16 * NR + 16),
-        c_stride = in(reg) 4 * NR,
+        "tilestored [{c10} + {c_stride}*1 + 64], tmm3",
+        acc = in(reg) accumulate as usize,
+        a0 = inout(reg) a[0] => _, a1 = inout(reg) a[1] => _, b0 = inout(reg) b[0] => _, b1 = inout(reg) b[1] => _,
+        steps = inout(reg) depth_steps => _, a_row = in(reg) a_row, a_step = in(reg) a_step, b_row = in(reg) 64usize,
+        c00 = in(reg) c, c10 = in(reg) c.byte_add(16 * c_stride),
+        c_stride = in(reg) c_stride,
         options(nostack)
     );
 }
@@ -133,30 +157,47 @@ pub enum Weight<'a> {
 }
 
 /// `c[m×n] = alpha · a[m×k] · op(W)` (`+ c` with `accumulate`), with `a` rounded to bf16 and the
-/// products accumulated in f32. Call only when `available()`.
+/// products accumulated in f32; rows of `c` are `ldc` values apart and rows of `a` `lda` apart
+/// (`n` and `k` for whole matrices; more for a block of columns of a wider one). Call only when
+/// `available()`.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_bf16(c: &mut [f32], a: &[f32], m: usize, k: usize, w: Weight, n: usize, alpha: f32, accumulate: bool) {
+pub fn matmul_bf16(
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    k: usize,
+    w: Weight,
+    n: usize,
+    alpha: f32,
+    accumulate: bool,
+) {
     assert!(available(), "matmul_bf16 needs AMX-BF16");
-    assert_eq!(c.len(), m * n, "matmul_bf16: c has {} elements, expected {m}×{n}", c.len());
-    assert_eq!(a.len(), m * k, "matmul_bf16: a has {} elements, expected {m}×{k}", a.len());
+    assert!(ldc >= n && lda >= k, "matmul_bf16: strides {ldc}, {lda} below the widths {n}, {k}");
     let (Weight::Nk(wv) | Weight::Kn(wv)) = w;
     assert_eq!(wv.len(), k * n, "matmul_bf16: weight has {} elements, expected {k}×{n}", wv.len());
-    if m == 0 || n == 0 || k == 0 {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= (m - 1) * ldc + n, "matmul_bf16: c has {} elements, {m} rows of {n} {ldc} apart need more", c.len());
+    assert!(a.len() >= (m - 1) * lda + k, "matmul_bf16: a has {} elements, {m} rows of {k} {lda} apart need more", a.len());
+    if k == 0 {
         // (With no depth the microkernel's loop would not end.)
         if !accumulate {
-            c.fill(0.0);
+            c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
         }
         return;
     }
     let (mp, np, kp) = (m.next_multiple_of(MR), n.next_multiple_of(NR), k.next_multiple_of(KR));
     let mut a16 = A_SCRATCH.take();
     let mut b16 = B_SCRATCH.take();
-    pack_a(a, m, k, mp, kp, &mut a16);
+    pack_a(a, lda, m, k, mp, kp, &mut a16);
     match w {
         Weight::Nk(w) => pack_nk(w, n, k, np, kp, &mut b16, true),
         Weight::Kn(w) => pack_kn(w, k, n, np, kp, &mut b16, true),
     }
-    multiply(c, &a16, m, kp, &b16, n, alpha, accumulate);
+    multiply(c, ldc, &a16, m, kp, &b16, n, alpha, accumulate);
     A_SCRATCH.set(a16);
     B_SCRATCH.set(b16);
 }
@@ -174,7 +215,7 @@ fn prepare(out: &mut AlignedVec<u16>, len: usize, k: usize, kp: usize) {
 /// `a` as bf16 A tiles in the order the microkernel reads them: per group of 16 rows (`mp / 16`
 /// groups, rows past `m` padding), its `kp / 32` tiles of 16 rows × 32 values, each 1 KiB —
 /// so each operand of a product step is one contiguous KiB, like the B panels' tiles.
-fn pack_a(a: &[f32], m: usize, k: usize, mp: usize, kp: usize, out: &mut AlignedVec<u16>) {
+fn pack_a(a: &[f32], lda: usize, m: usize, k: usize, mp: usize, kp: usize, out: &mut AlignedVec<u16>) {
     prepare(out, mp * kp, k, kp);
     out.par_chunks_mut(kp * 16).enumerate().for_each(|(group, dst)| {
         for i in 0..16 {
@@ -182,7 +223,7 @@ fn pack_a(a: &[f32], m: usize, k: usize, mp: usize, kp: usize, out: &mut Aligned
             if r >= m {
                 continue;
             }
-            let row = &a[r * k..(r + 1) * k];
+            let row = &a[r * lda..][..k];
             for (t, src) in row.chunks(KR).enumerate() {
                 let tile_row = &mut dst[(t * 16 + i) * KR..][..src.len()];
                 tile_row.iter_mut().zip(src).for_each(|(d, &s)| *d = to_bf16(s));
@@ -324,61 +365,74 @@ impl SharedC {
 unsafe impl Send for SharedC {}
 unsafe impl Sync for SharedC {}
 
-/// One 32×32 block of C as the tile stores write it (aligned: see `aligned`).
-#[repr(C, align(64))]
-struct Block([f32; MR * NR]);
-
-/// Rows of A per pass of `multiply`: a pass's packed rows (576 KiB at a depth of 576) can stay in
-/// a core's second-level cache while the weight panels stream past them once, where with all rows
-/// in one pass (2048 in a 4×512 batch) every panel pair re-reads them. Measured in alternating
-/// whole-process pairs it changed the 4×512 training step by nothing beyond the noise (1.00×).
+/// Rows of A per pass of `multiply`: a pass's packed rows (576 KiB at a depth of 576) stay in a
+/// core's second-level cache (2 MiB) while the weight panels stream past them once.
 const PASS_ROWS: usize = 512;
 
-/// C blocks of 32×32 computed by rayon tasks of 4×2 blocks, in passes of `PASS_ROWS` rows; each
-/// task writes only its own rows × columns of `c`.
+/// Depth per chunk of `multiply`: a pair of weight panels over this depth (16 KiB) stays in the
+/// first-level cache (48 KiB) while a pass's A tiles stream past it from the second level, so a
+/// product step loads one of its two operands from L1. With both operands from L2 (4 KiB per four
+/// tile products) the products ran at about a third of the tile unit's rate.
+const DEPTH_CHUNK: usize = 256;
+
+thread_local! {
+    /// One task's column of C blocks, 32×32 f32 each (rows 128 bytes apart), accumulated over the
+    /// depth chunks in the tile registers' own layout before it goes to `c`.
+    static C_SCRATCH: Cell<AlignedVec<f32>> = const { Cell::new(AlignedVec::new()) };
+}
+
+/// `c = alpha · a16 · b16` (or `c += …`), in passes of `PASS_ROWS` rows; within a pass one rayon
+/// task per pair of panels (32 columns of C) runs the depth chunks over all the pass's row blocks,
+/// then writes its column of C.
 #[allow(clippy::too_many_arguments)]
-fn multiply(c: &mut [f32], a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usize, alpha: f32, accumulate: bool) {
-    const TASK_M: usize = 4;
-    const TASK_N: usize = 2;
+fn multiply(c: &mut [f32], ldc: usize, a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usize, alpha: f32, accumulate: bool) {
     let (m_blocks, n_blocks) = (m.div_ceil(MR), n.div_ceil(NR));
-    let (tasks_m, tasks_n) = (m_blocks.div_ceil(TASK_M), n_blocks.div_ceil(TASK_N));
     let shared = SharedC(c.as_mut_ptr());
-    let pass = PASS_ROWS / (MR * TASK_M);
-    for first in (0..tasks_m).step_by(pass) {
-        let task_rows = pass.min(tasks_m - first);
-        (0..task_rows * tasks_n).into_par_iter().for_each(|task| {
+    for first in (0..m_blocks).step_by(PASS_ROWS / MR) {
+        let blocks = (PASS_ROWS / MR).min(m_blocks - first);
+        (0..n_blocks).into_par_iter().for_each(|nb| {
             configure_tiles();
-            let (tm, tn) = (first + task % task_rows, task / task_rows);
-            let mut block = Block([0.0; MR * NR]);
-            for nb in tn * TASK_N..((tn + 1) * TASK_N).min(n_blocks) {
-                let panels = &b16[2 * nb * 16 * kp..(2 * nb + 2) * 16 * kp];
-                for mb in tm * TASK_M..((tm + 1) * TASK_M).min(m_blocks) {
-                    let a_rows = &a16[mb * MR * kp..(mb + 1) * MR * kp];
-                    // SAFETY: tiles configured above; `a_rows` is two groups of kp/32 A tiles of
-                    // 1 KiB, each panel kp/32 tiles of 1 KiB, `block` 32×32 f32.
+            let mut scratch = C_SCRATCH.take();
+            scratch.resize(blocks * MR * NR);
+            for d0 in (0..kp).step_by(DEPTH_CHUNK) {
+                let steps = DEPTH_CHUNK.min(kp - d0) / KR;
+                // Tile t of A group g is at g·16·kp + 512·t values, of panel p at p·16·kp + 512·t.
+                let panel = |p: usize| b16[p * 16 * kp + 16 * d0..][..16 * (kp - d0)].as_ptr();
+                for (i, block) in scratch.chunks_exact_mut(MR * NR).enumerate() {
+                    let group = |g: usize| a16[g * 16 * kp + 16 * d0..][..16 * (kp - d0)].as_ptr();
+                    let mb = first + i;
+                    // SAFETY: tiles configured above; each A group and panel holds `steps` tiles of
+                    // 1 KiB from depth d0 (the slices above are checked), `block` is 32 rows of 32 f32.
                     unsafe {
                         microkernel(
-                            a_rows.as_ptr(),
-                            a_rows[16 * kp..].as_ptr(),
-                            panels.as_ptr(),
-                            panels[16 * kp..].as_ptr(),
-                            kp / KR,
-                            block.0.as_mut_ptr(),
+                            [group(2 * mb), group(2 * mb + 1)],
+                            64,
+                            1024,
+                            [panel(2 * nb), panel(2 * nb + 1)],
+                            steps,
+                            block.as_mut_ptr(),
+                            4 * NR,
+                            d0 > 0,
                         )
                     };
-                    let (rows, cols) = ((m - mb * MR).min(MR), (n - nb * NR).min(NR));
-                    for (i, src) in block.0.chunks(NR).take(rows).enumerate() {
-                        // SAFETY: row mb·32 + i < m and columns nb·32 .. +cols < n lie in `c`, and no
-                        // other task has this (mb, nb) block.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(shared.at((mb * MR + i) * n + nb * NR), cols) };
-                        if accumulate {
-                            dst.iter_mut().zip(src).for_each(|(d, s)| *d += alpha * s);
-                        } else {
-                            dst.iter_mut().zip(src).for_each(|(d, s)| *d = alpha * s);
-                        }
+                }
+            }
+            let cols = (n - nb * NR).min(NR);
+            for (i, block) in scratch.chunks_exact(MR * NR).enumerate() {
+                let mb = first + i;
+                for (r, src) in block.chunks_exact(NR).take((m - mb * MR).min(MR)).enumerate() {
+                    // SAFETY: row mb·32 + r < m and columns nb·32 .. +cols ≤ n lie in `c` (its length was
+                    // checked against the stride), and only
+                    // this task writes columns nb·32 .. +32.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(shared.at((mb * MR + r) * ldc + nb * NR), cols) };
+                    if accumulate {
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += alpha * s);
+                    } else {
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d = alpha * s);
                     }
                 }
             }
+            C_SCRATCH.set(scratch);
         });
     }
 }
@@ -535,11 +589,11 @@ pub(crate) fn tile_product(
             // from row 32·mb, two panels' first `16·depth` values from panel 2·nb, and 32 rows of
             // 32 values of `c` from (32·mb, 32·nb) inside their slices.
             unsafe {
-                microkernel_into(
-                    a.as_ptr().add(mb * MR * a_stride),
+                microkernel(
+                    [a.as_ptr().add(mb * MR * a_stride), a.as_ptr().add((mb * MR + 16) * a_stride)],
                     2 * a_stride,
-                    b.as_ptr().add(2 * nb * panel_stride),
-                    b.as_ptr().add((2 * nb + 1) * panel_stride),
+                    64,
+                    [b.as_ptr().add(2 * nb * panel_stride), b.as_ptr().add((2 * nb + 1) * panel_stride)],
                     depth / KR,
                     c.as_mut_ptr().add(mb * MR * ldc + nb * NR),
                     4 * ldc,
@@ -548,58 +602,6 @@ pub(crate) fn tile_product(
             };
         }
     }
-}
-
-/// `microkernel`, with C's tiles loaded from (`accumulate`) and stored straight to `c` (rows
-/// `c_stride` bytes apart) instead of a separate block.
-///
-/// # Safety
-/// As `microkernel`, with `c` readable and writable for 32 rows of 32 f32 `c_stride` bytes apart.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn microkernel_into(
-    a: *const u16,
-    a_stride: usize,
-    b0: *const u16,
-    b1: *const u16,
-    depth_steps: usize,
-    c: *mut f32,
-    c_stride: usize,
-    accumulate: bool,
-) {
-    let a1 = a.byte_add(16 * a_stride);
-    asm!(
-        "test {acc}, {acc}",
-        "jz 5f",
-        "tileloadd tmm0, [{c00} + {c_stride}*1]",
-        "tileloadd tmm1, [{c00} + {c_stride}*1 + 64]",
-        "tileloadd tmm2, [{c10} + {c_stride}*1]",
-        "tileloadd tmm3, [{c10} + {c_stride}*1 + 64]",
-        "jmp 2f",
-        "5:",
-        "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-        "2:",
-        "tileloadd tmm4, [{a0} + {a_stride}*1]",
-        "tileloadd tmm6, [{b0} + {b_stride}*1]",
-        "tdpbf16ps tmm0, tmm4, tmm6",
-        "tileloadd tmm7, [{b1} + {b_stride}*1]",
-        "tdpbf16ps tmm1, tmm4, tmm7",
-        "tileloadd tmm5, [{a1} + {a_stride}*1]",
-        "tdpbf16ps tmm2, tmm5, tmm6",
-        "tdpbf16ps tmm3, tmm5, tmm7",
-        "add {a0}, 64", "add {a1}, 64", "add {b0}, 1024", "add {b1}, 1024",
-        "dec {steps}", "jnz 2b",
-        "tilestored [{c00} + {c_stride}*1], tmm0",
-        "tilestored [{c00} + {c_stride}*1 + 64], tmm1",
-        "tilestored [{c10} + {c_stride}*1], tmm2",
-        "tilestored [{c10} + {c_stride}*1 + 64], tmm3",
-        acc = in(reg) accumulate as usize,
-        a0 = inout(reg) a => _, a1 = inout(reg) a1 => _, b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _,
-        steps = inout(reg) depth_steps => _, a_stride = in(reg) a_stride, b_stride = in(reg) 64usize,
-        c00 = in(reg) c, c10 = in(reg) c.byte_add(16 * c_stride),
-        c_stride = in(reg) c_stride,
-        options(nostack)
-    );
 }
 
 // ---- Decode products of Q8_0 weights on AMX-INT8 tiles ----
@@ -896,6 +898,35 @@ mod tests {
         }
     }
 
+    /// With row strides the product reads a block of columns of a wider A and writes a block of
+    /// columns of a wider C, leaving the columns around it as they were.
+    #[test]
+    fn strided_products_touch_only_their_block() {
+        if !available() {
+            eprintln!("skipped: this CPU (or OS) has no AMX-BF16");
+            return;
+        }
+        let mut rng = Rng::new(12);
+        let (m, n, k, lda, ldc, a_at, c_at) = (45, 40, 70, 83, 57, 9, 11);
+        let a_wide = randn(&mut rng, m * lda, 1.0);
+        let w16: Vec<u16> = randn(&mut rng, n * k, 1.0).iter().map(|&x| to_bf16(x)).collect();
+        let wr: Vec<f32> = w16.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+        let a: Vec<f32> = a_wide.chunks(lda).flat_map(|row| bf16_round(&row[a_at..a_at + k])).collect();
+        for acc in [false, true] {
+            let c0 = randn(&mut rng, m * ldc, 1.0);
+            let mut got = c0.clone();
+            matmul_bf16(&mut got[c_at..], ldc, &a_wide[a_at..], lda, m, k, Weight::Nk(&w16), n, 1.0, acc);
+            let mut want: Vec<f32> = c0.chunks(ldc).flat_map(|row| row[c_at..c_at + n].to_vec()).collect();
+            matmul_naive(&mut want, &a, false, &wr, true, m, n, k, 1.0, acc);
+            for (i, (g, c)) in got.chunks(ldc).zip(c0.chunks(ldc)).enumerate() {
+                assert_eq!(&g[..c_at], &c[..c_at], "row {i}: columns before the block changed");
+                assert_eq!(&g[c_at + n..], &c[c_at + n..], "row {i}: columns after the block changed");
+                let err = g[c_at..c_at + n].iter().zip(&want[i * n..]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                assert!(err < 1e-5 * k as f32 + 1e-6, "row {i} acc={acc}: {err}");
+            }
+        }
+    }
+
     /// The tile products equal an f64 product of the bf16-rounded inputs, up to f32 summation.
     #[test]
     fn products_match_naive_on_bf16_inputs_in_both_weight_layouts() {
@@ -904,7 +935,8 @@ mod tests {
             return;
         }
         let mut rng = Rng::new(11);
-        for &(m, n, k) in &[(1, 1, 1), (3, 5, 0), (5, 17, 3), (37, 70, 45), (64, 96, 64), (33, 33, 97), (130, 40, 576)] {
+        // (600, 70, 300): two passes of rows, and depth chunks of 256 and 44 (padded to 64).
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 0), (5, 17, 3), (37, 70, 45), (64, 96, 64), (33, 33, 97), (130, 40, 576), (600, 70, 300)] {
             let a = randn(&mut rng, m * k, 1.0);
             let w = randn(&mut rng, n * k, 1.0);
             let w16: Vec<u16> = w.iter().map(|&x| to_bf16(x)).collect();
@@ -914,7 +946,7 @@ mod tests {
                 // Nk: W is [n × k], product a·Wᵀ. Kn: the same values read as [k × n], product a·W.
                 for (weight, w_t) in [(Weight::Nk(&w16), true), (Weight::Kn(&w16), false)] {
                     let (mut got, mut want) = (c0.clone(), c0.clone());
-                    matmul_bf16(&mut got, &a, m, k, weight, n, 0.5, acc);
+                    matmul_bf16(&mut got, n, &a, k, m, k, weight, n, 0.5, acc);
                     matmul_naive(&mut want, &ar, false, &wr, w_t, m, n, k, 0.5, acc);
                     let err = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
                     assert!(err < 1e-5 * k as f32 + 1e-6, "({m},{n},{k}) w_t={w_t} acc={acc}: {err}");

@@ -58,33 +58,36 @@ impl<'a> Head<'a> {
         }
     }
 
-    /// `logits[c × vocab] = x[c × dim] · Wᵀ`.
+    /// `logits[c × vocab] = x[c × dim] · Wᵀ`. On tiles each vocabulary block's product writes
+    /// its columns of `logits` in place; other compact heads go through `cols`.
     fn logits(&mut self, x: &[f32], c: usize, logits: &mut [f32]) {
         let (vocab, dim) = (self.vocab, self.dim);
-        self.for_each_block(|v0, n, wb, cols| {
-            if n == vocab {
-                return wb.forward(logits, x, c, n, dim);
-            }
-            cols.resize(c * n, 0.0);
-            wb.forward(cols, x, c, n, dim);
-            for (row, src) in logits.chunks_mut(vocab).zip(cols.chunks(n)) {
-                row[v0..v0 + n].copy_from_slice(src);
+        self.for_each_block(|v0, n, wb, cols| match wb {
+            DenseWeight::Bf16(w) => amx::matmul_bf16(&mut logits[v0..], vocab, x, dim, c, dim, amx::Weight::Nk(w), n, 1.0, false),
+            DenseWeight::F32(_) if n == vocab => wb.forward(logits, x, c, n, dim),
+            DenseWeight::F32(_) => {
+                cols.resize(c * n, 0.0);
+                wb.forward(cols, x, c, n, dim);
+                for (row, src) in logits.chunks_mut(vocab).zip(cols.chunks(n)) {
+                    row[v0..v0 + n].copy_from_slice(src);
+                }
             }
         });
     }
 
-    /// `dx[c × dim] = g[c × vocab] · W`.
+    /// `dx[c × dim] = g[c × vocab] · W`; on tiles each block reads its columns of `g` in place.
     fn backward(&mut self, g: &[f32], c: usize, dx: &mut [f32]) {
         let (vocab, dim) = (self.vocab, self.dim);
-        self.for_each_block(|v0, n, wb, cols| {
-            if n == vocab {
-                return wb.backward(dx, g, c, n, dim, false);
+        self.for_each_block(|v0, n, wb, cols| match wb {
+            DenseWeight::Bf16(w) => amx::matmul_bf16(dx, dim, &g[v0..], vocab, c, n, amx::Weight::Kn(w), dim, 1.0, v0 > 0),
+            DenseWeight::F32(_) if n == vocab => wb.backward(dx, g, c, n, dim, false),
+            DenseWeight::F32(_) => {
+                cols.resize(c * n, 0.0);
+                for (dst, row) in cols.chunks_mut(n).zip(g.chunks(vocab)) {
+                    dst.copy_from_slice(&row[v0..v0 + n]);
+                }
+                wb.backward(dx, cols, c, n, dim, v0 > 0);
             }
-            cols.resize(c * n, 0.0);
-            for (dst, row) in cols.chunks_mut(n).zip(g.chunks(vocab)) {
-                dst.copy_from_slice(&row[v0..v0 + n]);
-            }
-            wb.backward(dx, cols, c, n, dim, v0 > 0);
         });
     }
 }
@@ -124,7 +127,10 @@ pub fn lm_head_cross_entropy(
     assert_eq!(x.len(), targets.len() * dim);
     let rows: Vec<usize> = (0..targets.len()).filter(|&r| targets[r].is_some()).collect();
     let mut total = LossSum { sum: 0.0, count: rows.len() };
-    let chunk_rows = (CHUNK_BYTES / (4 * vocab.max(1))).clamp(64, 512);
+    // Chunks of equal size: a short last chunk would pass over (and repack) the whole head for a
+    // few rows.
+    let max_rows = (CHUNK_BYTES / (4 * vocab.max(1))).clamp(64, 512);
+    let chunk_rows = rows.len().div_ceil(rows.len().div_ceil(max_rows).max(1)).max(1);
     let mut xs = vec![0.0f32; chunk_rows.min(rows.len()) * dim];
     let mut logits = vec![0.0f32; chunk_rows.min(rows.len()) * vocab];
     let mut dxs = vec![0.0f32; xs.len()];

@@ -69,7 +69,7 @@ impl DenseWeight<'_> {
     pub fn forward(self, y: &mut [f32], x: &[f32], m: usize, rows: usize, cols: usize) {
         match self {
             DenseWeight::F32(w) => matmul(y, x, false, w, true, m, rows, cols, 1.0, false),
-            DenseWeight::Bf16(w) => super::amx::matmul_bf16(y, x, m, cols, super::amx::Weight::Nk(w), rows, 1.0, false),
+            DenseWeight::Bf16(w) => super::amx::matmul_bf16(y, rows, x, cols, m, cols, super::amx::Weight::Nk(w), rows, 1.0, false),
         }
     }
 
@@ -78,7 +78,7 @@ impl DenseWeight<'_> {
     pub fn backward(self, dx: &mut [f32], dy: &[f32], m: usize, rows: usize, cols: usize, accumulate: bool) {
         match self {
             DenseWeight::F32(w) => matmul(dx, dy, false, w, false, m, cols, rows, 1.0, accumulate),
-            DenseWeight::Bf16(w) => super::amx::matmul_bf16(dx, dy, m, rows, super::amx::Weight::Kn(w), cols, 1.0, accumulate),
+            DenseWeight::Bf16(w) => super::amx::matmul_bf16(dx, cols, dy, rows, m, rows, super::amx::Weight::Kn(w), cols, 1.0, accumulate),
         }
     }
 }

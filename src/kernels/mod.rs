@@ -22,7 +22,7 @@ pub mod amx {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul_bf16(_: &mut [f32], _: &[f32], _: usize, _: usize, _: Weight, _: usize, _: f32, _: bool) {
+    pub fn matmul_bf16(_: &mut [f32], _: usize, _: &[f32], _: usize, _: usize, _: usize, _: Weight, _: usize, _: f32, _: bool) {
         unreachable!("matmul_bf16 without AMX: callers check available()")
     }
 }
