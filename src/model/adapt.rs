@@ -9,6 +9,7 @@ use super::frozen::FrozenMatrix;
 use crate::kernels::dropout::DropoutMask;
 use crate::kernels::matmul;
 use crate::rng::Rng;
+use rayon::prelude::*;
 
 /// The seven linear modules of a decoder layer, in the order PEFT lists them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -259,14 +260,30 @@ pub struct Segment<'a> {
 
 /// Inference with a different adapter per run of rows: y = lin(x) for all rows in one frozen
 /// product, then y[seg] += scale·(x[seg]·Aᵀ)·Bᵀ per segment (no dropout). The frozen weights are
-/// read once whatever the number of adapters; only the small low-rank products multiply.
+/// read once whatever the number of adapters; only the small low-rank products multiply. With
+/// several adapters in the batch their products run on the rayon pool, one segment per task: each
+/// reads its own adapter's matrices, so a batch of many adapters is bound by reading them, and
+/// both cores read.
 pub(crate) fn linear_forward_segments(lin: &Linear, segments: &[Segment], x: &[f32], rows: usize, y: &mut [f32]) {
     lin.forward(x, rows, y);
     let (inf, outf) = (lin.in_features, lin.out_features);
+    // Each adapted segment's rows of x and of y; segments are ascending runs, so y splits in order.
+    let mut work: Vec<(LowRank, &[f32], &mut [f32])> = Vec::new();
+    let (mut rest, mut at) = (&mut y[..rows * outf], 0);
     for seg in segments {
+        assert!(seg.rows.start >= at && seg.rows.end <= rows, "segments must be ascending runs of rows");
         let Some(lr) = seg.lowrank else { continue };
-        let (xs, ys) = (&x[seg.rows.start * inf..seg.rows.end * inf], &mut y[seg.rows.start * outf..seg.rows.end * outf]);
-        add_lowrank(&lr, xs, seg.rows.len(), inf, outf, ys);
+        let (ys, tail) = std::mem::take(&mut rest)[(seg.rows.start - at) * outf..].split_at_mut(seg.rows.len() * outf);
+        (rest, at) = (tail, seg.rows.end);
+        work.push((lr, &x[seg.rows.start * inf..seg.rows.end * inf], ys));
+    }
+    let update = |(lr, xs, ys): (LowRank, &[f32], &mut [f32])| {
+        add_lowrank(&lr, xs, xs.len() / inf, inf, outf, ys);
+    };
+    if work.len() > 1 {
+        work.into_par_iter().for_each(update);
+    } else {
+        work.into_iter().for_each(update);
     }
 }
 
