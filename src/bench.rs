@@ -237,7 +237,7 @@ pub fn decode(p: &mut Pretrained, adapter: Option<&LoraAdapter>, new_tokens: usi
 /// Batched inference with one adapter per row: `rows` sequences prefill `prefill` tokens each in
 /// one step, then decode `steps` tokens each, all rows sharing one adapter vs every row on its
 /// own adapter (LoRA q,v rank `r`). Returns both timings and their ratio.
-pub fn multi_adapter(p: &Pretrained, rows: usize, r: usize, prefill: usize, steps: usize) -> Result<Value> {
+pub fn multi_adapter(p: &Pretrained, rows: usize, r: usize, prefill: usize, steps: usize, profile: bool) -> Result<Value> {
     use crate::limits::check_count;
     let context = p.model.config.max_position_embeddings;
     check_count("--rows", rows, 1, 256)?;
@@ -253,6 +253,17 @@ pub fn multi_adapter(p: &Pretrained, rows: usize, r: usize, prefill: usize, step
         })
         .collect::<Result<_>>()?;
     let prompts: Vec<Vec<u32>> = (0..rows).map(|i| (0..prefill).map(|t| ((t * 31 + i * 7) % 1000 + 100) as u32).collect()).collect();
+    // Seconds per decode step in each phase (`--profile`), and what they leave.
+    let phases = |step_s: f64| -> Value {
+        let mut m = serde_json::Map::new();
+        let mut timed = 0.0;
+        for (phase, secs) in crate::profile::take() {
+            m.insert(format!("{}_s", phase.name()), json!(secs / steps as f64));
+            timed += secs / steps as f64;
+        }
+        m.insert("other_s".into(), json!(step_s - timed));
+        Value::Object(m)
+    };
     let run = |distinct: bool| -> Result<(f64, f64)> {
         let mut caches: Vec<SeqCache> = (0..rows).map(|_| p.model.new_seq_cache(prefill + steps + 1)).collect::<Result<_>>()?;
         let pick = |i: usize| -> Option<(&dyn LowRankSource, f32)> { Some((&adapters[if distinct { i } else { 0 }], 1.0)) };
@@ -262,6 +273,8 @@ pub fn multi_adapter(p: &Pretrained, rows: usize, r: usize, prefill: usize, step
         p.model.step(&mut steps_in)?;
         drop(steps_in);
         let prefill_s = t.elapsed().as_secs_f64();
+        crate::profile::take();
+        crate::profile::set_enabled(profile);
         let t = Instant::now();
         for k in 0..steps {
             let tokens: Vec<[u32; 1]> = (0..rows).map(|i| [((k * 13 + i) % 1000 + 100) as u32]).collect();
@@ -269,17 +282,22 @@ pub fn multi_adapter(p: &Pretrained, rows: usize, r: usize, prefill: usize, step
                 caches.iter_mut().enumerate().map(|(i, c)| SeqStep { cache: c, tokens: &tokens[i], adapter: pick(i) }).collect();
             p.model.step(&mut s)?;
         }
-        Ok((prefill_s, t.elapsed().as_secs_f64() / steps as f64))
+        let step_s = t.elapsed().as_secs_f64() / steps as f64;
+        crate::profile::set_enabled(false);
+        Ok((prefill_s, step_s))
     };
     run(true)?; // warm-up
     let (one_pre, one_step) = run(false)?;
+    let one_profile = phases(one_step);
     let (many_pre, many_step) = run(true)?;
+    let many_profile = phases(many_step);
     let weights = p.model.layers[0].linear[0].w.format().name();
     Ok(json!({"bench": "multi_adapter", "impl": "lowrank", "weights": weights, "rows": rows, "r": r, "prefill_tokens": prefill,
               "threads": rayon::current_num_threads(),
               "one_adapter_prefill_tok_per_s": (rows * prefill) as f64 / one_pre, "distinct_prefill_tok_per_s": (rows * prefill) as f64 / many_pre,
               "one_adapter_decode_tok_per_s": rows as f64 / one_step, "distinct_decode_tok_per_s": rows as f64 / many_step,
-              "prefill_time_ratio": many_pre / one_pre, "decode_step_time_ratio": many_step / one_step}))
+              "prefill_time_ratio": many_pre / one_pre, "decode_step_time_ratio": many_step / one_step,
+              "profile": profile.then(|| json!({"one_adapter": one_profile, "distinct": many_profile}))}))
 }
 
 /// f32 GEMM GFLOP/s: square n×n, and the 512×576×1536 shape of a LoRA training step; where the

@@ -240,6 +240,10 @@ enum BenchCommand {
         /// Base weights as f32, bf16, q8_0 or q4_1.
         #[arg(long, default_value = "f32", value_parser = WeightFormat::parse)]
         weights: WeightFormat,
+        /// Seconds per decode step in each phase (frozen products with the LM head, low-rank
+        /// products, attention, norms/RoPE/SwiGLU, the rest).
+        #[arg(long)]
+        profile: bool,
     },
     /// Load test of `lowrank serve` over loopback: C streaming clients over K adapters.
     Serve {
@@ -568,9 +572,9 @@ fn cmd_bench(c: BenchCommand) -> Result<()> {
             let a = load_adapter(&p, &adapter)?;
             lowrank::bench::decode(&mut p, a.as_ref(), new_tokens, prefill)
         })?,
-        BenchCommand::Adapters { model, rows, r, prefill, steps, threads, weights } => lowrank::in_pool(threads, || {
+        BenchCommand::Adapters { model, rows, r, prefill, steps, threads, weights, profile } => lowrank::in_pool(threads, || {
             let p = Pretrained::load_as(&model, weights)?;
-            Ok(vec![lowrank::bench::multi_adapter(&p, rows, r, prefill, steps)?])
+            Ok(vec![lowrank::bench::multi_adapter(&p, rows, r, prefill, steps, profile)?])
         })?,
         BenchCommand::Serve { model, weights, clients, adapters, requests, max_tokens, threads } => {
             let b = lowrank::serve::load::LoadBench { model, weights, clients, adapters, requests, max_tokens, threads };

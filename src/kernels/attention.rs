@@ -44,23 +44,7 @@ impl AttnShape {
     }
 }
 
-/// Dot product with eight independent accumulators so the compiler can vectorize it.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
+pub use super::dot::dot;
 
 #[inline]
 fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
@@ -88,7 +72,10 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: 
 /// tile; below it (decoding), row by row.
 const GEMM_MIN_QUERIES: usize = 16;
 
-/// Row-by-row forward: one query's scores at a time.
+/// Row-by-row forward: one query's scores at a time (decoding, and prompts too short for the
+/// per-head GEMMs). The scores go through the vectorized exp, and the weighted sum of the values
+/// runs 16 lanes of the output at a time over all keys, so those lanes stay in registers instead
+/// of being loaded and stored once per key.
 fn forward_rows(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
     let (hd, tq, tk, ts) = (s.head_dim, s.q_len, s.kv_len, s.kv_stride);
     let g = s.group();
@@ -109,32 +96,57 @@ fn forward_rows(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape
         for i in 0..tq {
             let qi = &q[(bh * tq + i) * hd..][..hd];
             let oi = &mut o[i * hd..(i + 1) * hd];
-            oi.fill(0.0);
-            let mut m = f32::NEG_INFINITY;
             let range = s.key_range(i);
-            for j in range.clone() {
-                scores[j] = if mask[j] { dot(qi, &kb[j * hd..(j + 1) * hd]) * scale } else { f32::NEG_INFINITY };
-                m = m.max(scores[j]);
+            let p = &mut scores[range.clone()];
+            let mut m = f32::NEG_INFINITY;
+            for (j, pj) in range.clone().zip(p.iter_mut()) {
+                *pj = if mask[j] { dot(qi, &kb[j * hd..(j + 1) * hd]) * scale } else { f32::NEG_INFINITY };
+                m = m.max(*pj);
             }
             if m == f32::NEG_INFINITY {
+                oi.fill(0.0);
                 l[i] = f32::NEG_INFINITY;
                 continue;
             }
-            let mut sum = 0.0f32;
-            for j in range.clone() {
-                let p = (scores[j] - m).exp();
-                scores[j] = p;
-                sum += p;
-            }
+            let sum = super::fastexp::exp_shifted_sum(p, 1.0, m) as f32;
             let inv = 1.0 / sum;
-            for j in range {
-                if scores[j] > 0.0 {
-                    axpy(oi, scores[j] * inv, &vb[j * hd..(j + 1) * hd]);
-                }
+            // (The fast exp of −∞ is tiny, not zero: masked keys get exactly zero weight here.)
+            for (j, pj) in range.clone().zip(p.iter_mut()) {
+                *pj = if mask[j] { *pj * inv } else { 0.0 };
             }
+            weighted_rows(oi, p, &vb[range.start * hd..range.end * hd]);
             l[i] = m + sum.ln();
         }
     });
+}
+
+/// `out = Σ_j p[j] · rows[j]` for `rows` of `out.len()` values each, 64 output lanes at a time
+/// (a 64-value head row in one pass: eight independent vectors of sums), then 16 at a time.
+fn weighted_rows(out: &mut [f32], p: &[f32], rows: &[f32]) {
+    fn lanes<const W: usize>(out: &mut [f32], p: &[f32], rows: &[f32], first: usize) -> usize {
+        let hd = out.len();
+        let mut c = first;
+        while c + W <= hd {
+            let mut acc = [0.0f32; W];
+            for (&pj, row) in p.iter().zip(rows.chunks_exact(hd)) {
+                let r = &row[c..c + W];
+                for t in 0..W {
+                    acc[t] += pj * r[t];
+                }
+            }
+            out[c..c + W].copy_from_slice(&acc);
+            c += W;
+        }
+        c
+    }
+    let hd = out.len();
+    let wide = lanes::<64>(out, p, rows, 0);
+    let done = lanes::<16>(out, p, rows, wide);
+    let tail = &mut out[done..];
+    tail.fill(0.0);
+    for (&pj, row) in p.iter().zip(rows.chunks_exact(hd)) {
+        axpy(tail, pj, &row[done..]);
+    }
 }
 
 /// Gradients of `attention_forward` with respect to q, k and v (all overwritten), given the
@@ -504,7 +516,8 @@ mod tests {
     #[test]
     fn gemm_and_row_paths_agree() {
         const T: usize = 300; // three query tiles, the last one partial
-        for window in [None, Some(7)] {
+                              // Head widths 16 and 88: the row path's value sums run 64 lanes, then 16, then the rest.
+        for (window, hd) in [(None, 16), (Some(7), 16), (None, 88)] {
             let s = AttnShape {
                 batch: 2,
                 heads: 4,
@@ -512,14 +525,14 @@ mod tests {
                 q_len: T,
                 kv_len: T,
                 kv_stride: T,
-                head_dim: 16,
+                head_dim: hd,
                 q_offset: 0,
                 window,
                 tiles: false,
             };
             let mut rng = Rng::new(21);
-            let nq = 2 * 4 * T * 16;
-            let nk = 2 * 2 * T * 16;
+            let nq = 2 * 4 * T * hd;
+            let nk = 2 * 2 * T * hd;
             let (q, k, v, d) = (randn(&mut rng, nq, 1.0), randn(&mut rng, nk, 1.0), randn(&mut rng, nk, 1.0), randn(&mut rng, nq, 1.0));
             let m: Vec<bool> = (0..2 * T).map(|i| i < T || i % T < 200).collect();
             let (mut o1, mut o2, mut l1, mut l2) = (vec![0.0; nq], vec![0.0; nq], vec![0.0; 8 * T], vec![0.0; 8 * T]);

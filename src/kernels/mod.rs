@@ -30,6 +30,7 @@ pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod attention_tiles;
 pub mod blocks;
+pub mod dot;
 pub mod dropout;
 pub mod fastexp;
 pub mod gemv;

@@ -6,6 +6,7 @@
 
 use super::buffers;
 use super::frozen::FrozenMatrix;
+use crate::kernels::dot::dot;
 use crate::kernels::dropout::DropoutMask;
 use crate::kernels::matmul;
 use crate::rng::Rng;
@@ -193,19 +194,6 @@ fn dropped_copy(keep: &DropoutMask, x: &[f32]) -> buffers::Buf {
 /// Up to this many rows the low-rank products run as plain loops (`add_lowrank`).
 const DIRECT_LOWRANK_ROWS: usize = 4;
 
-/// `a · b` in eight running sums (so the compiler keeps them in vector lanes).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// Backward of `linear_forward`: accumulates dA, dB into `grads`, and writes (or, with
 /// `accumulate`, adds) dL/dx into `dx` when it is wanted. W and its bias are frozen.
 #[allow(clippy::too_many_arguments)]
@@ -266,6 +254,7 @@ pub struct Segment<'a> {
 /// both cores read.
 pub(crate) fn linear_forward_segments(lin: &Linear, segments: &[Segment], x: &[f32], rows: usize, y: &mut [f32]) {
     lin.forward(x, rows, y);
+    let _timer = crate::profile::time(crate::profile::Phase::LoraGemm);
     let (inf, outf) = (lin.in_features, lin.out_features);
     // Each adapted segment's rows of x and of y; segments are ascending runs, so y splits in order.
     let mut work: Vec<(LowRank, &[f32], &mut [f32])> = Vec::new();

@@ -269,6 +269,7 @@ impl FrozenMatrix {
     /// `y[m × rows] (+)= alpha · x[m × cols] · Wᵀ` straight from the stored format (decoding:
     /// `m` is the number of sequences, one new token each).
     pub fn gemv(&self, x: &[f32], m: usize, y: &mut [f32], alpha: f32, accumulate: bool) {
+        let _timer = crate::profile::time(crate::profile::Phase::FrozenGemm);
         gemv::gemv_parallel(self.view(), self.rows, self.cols, x, m, y, alpha, accumulate);
     }
 }
