@@ -700,9 +700,15 @@ unsafe fn q8_0_product_avx512(scale: &[f32], q: &[i8], cols: usize, first: usize
     assert!(x.cols == cols && out.len() == n * x.m && (first + n) * cols <= q.len() && (first + n) * blocks <= scale.len());
     configure_tiles();
     let (mut pad_q, mut pad_scale) = Q8_SCRATCH.take();
+    // The tile sums of `SLAB` chunks (4 KiB each, 32 KiB in all: in L1) are stored before the
+    // vector pass scales them, so that pass keeps one row's running sum in a register across a
+    // slab's 16 blocks. Scaling after every chunk kept all 32 rows' sums on the stack instead: a
+    // load and a store of each for every block.
+    const SLAB: usize = 8;
     #[repr(C, align(64))]
-    struct Sums([i32; 4 * 256]);
-    let mut c = Sums([0; 4 * 256]);
+    struct Sums([i32; SLAB * 4 * 256]);
+    let mut c = Sums([0; SLAB * 4 * 256]);
+    let chunks = cols / 64;
     for j0 in (first..first + n).step_by(DECODE_ROWS) {
         let rows = DECODE_ROWS.min(first + n - j0);
         // A partial block runs on a copy padded with zero rows, so no tile reads past the weight.
@@ -718,29 +724,36 @@ unsafe fn q8_0_product_avx512(scale: &[f32], q: &[i8], cols: usize, first: usize
             (&pad_q[..], &pad_scale[..])
         };
         let mut acc = [_mm512_setzero_ps(); DECODE_ROWS];
-        for chunk in 0..cols / 64 {
-            // The next block's rows, a line each per chunk: its 32 rows are 32 streams, more
-            // than the hardware prefetcher follows.
-            for r in 0..DECODE_ROWS {
-                // Prefetching never faults; the address is only computed.
-                _mm_prefetch::<_MM_HINT_T0>(q.as_ptr().wrapping_add((j0 + DECODE_ROWS + r) * cols + 64 * chunk));
+        for slab in (0..chunks).step_by(SLAB) {
+            let in_slab = SLAB.min(chunks - slab);
+            for k in 0..in_slab {
+                let chunk = slab + k;
+                // The next block's rows, a line each per chunk: its 32 rows are 32 streams, more
+                // than the hardware prefetcher follows.
+                for r in 0..DECODE_ROWS {
+                    // Prefetching never faults; the address is only computed.
+                    _mm_prefetch::<_MM_HINT_T0>(q.as_ptr().wrapping_add((j0 + DECODE_ROWS + r) * cols + 64 * chunk));
+                }
+                // SAFETY: tiles configured on this thread; 32 rows of `cols` bytes from `wq`, two
+                // B tiles of 1 KiB at chunk·2048, four C tiles at slot k of `c`.
+                unsafe { q8_kernel(wq.as_ptr().add(64 * chunk), cols, x.tiles.as_ptr().add(2048 * chunk), c.0.as_mut_ptr().add(1024 * k)) };
             }
-            // SAFETY: tiles configured on this thread; 32 rows of `cols` bytes from `wq`, two
-            // B tiles of 1 KiB at chunk·2048, four C tiles in `c`.
-            unsafe { q8_kernel(wq.as_ptr().add(64 * chunk), cols, x.tiles.as_ptr().add(2048 * chunk), c.0.as_mut_ptr()) };
-            for half in 0..2 {
-                let b = 2 * chunk + half;
-                // SAFETY: AVX-512 (part of `available`); every read is inside `c`, `ws`, `x.scales`.
-                unsafe {
-                    let xs = _mm512_loadu_ps(x.scales.as_ptr().add(16 * b));
-                    for (r, a) in acc.iter_mut().enumerate() {
+            for (r, a) in acc.iter_mut().enumerate() {
+                let mut sum = *a;
+                for k in 0..in_slab {
+                    for half in 0..2 {
+                        let b = 2 * (slab + k) + half;
                         // C tiles: rows 0..16 × (first, second block), rows 16..32 × (first, second).
                         let tile = 2 * (r / 16) + half;
-                        let sums = _mm512_load_si512(c.0.as_ptr().add(256 * tile + 16 * (r % 16)) as *const __m512i);
-                        let s = _mm512_mul_ps(_mm512_set1_ps(ws[r * blocks + b]), xs);
-                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, *a);
+                        // SAFETY: AVX-512 (part of `available`); every read is inside `c`, `ws`, `x.scales`.
+                        unsafe {
+                            let sums = _mm512_load_si512(c.0.as_ptr().add(1024 * k + 256 * tile + 16 * (r % 16)) as *const __m512i);
+                            let s = _mm512_mul_ps(_mm512_set1_ps(ws[r * blocks + b]), _mm512_loadu_ps(x.scales.as_ptr().add(16 * b)));
+                            sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, sum);
+                        }
                     }
                 }
+                *a = sum;
             }
         }
         for (r, a) in acc.iter().take(rows).enumerate() {
@@ -1041,24 +1054,26 @@ mod tests {
         use crate::kernels::blocks::{quantize_block, Row};
         use crate::model::frozen::{FrozenMatrix, WeightFormat};
         let mut rng = Rng::new(17);
-        let (rows, cols) = (70, 128);
-        let fm = FrozenMatrix::new(rows, cols, randn(&mut rng, rows * cols, 1.0), WeightFormat::Q8_0);
-        let values = fm.to_f32();
-        let Row::Q8_0 { scale, q } = fm.view() else { unreachable!("stored as Q8_0") };
-        for m in [1, 5, 16] {
-            let x = randn(&mut rng, m * cols, 1.0);
-            let xr: Vec<f32> = x
-                .chunks(BLOCK)
-                .flat_map(|b| {
-                    let (s, q) = quantize_block(b);
-                    q.map(|v| s * v as f32)
-                })
-                .collect();
-            let xt = Q8Rows::new(&x, m, cols);
-            for (first, n) in [(0, rows), (5, 40), (38, 32)] {
-                let mut out = vec![f32::NAN; n * m];
-                q8_0_product(scale, q, cols, first, n, &xt, &mut out);
-                assert_row_products(&out, &values, &xr, cols, first, n, m, "Q8_0 tiles");
+        // 128 columns: one slab of chunks; 640: a full slab of eight and a partial one.
+        for (rows, cols) in [(70, 128), (70, 640)] {
+            let fm = FrozenMatrix::new(rows, cols, randn(&mut rng, rows * cols, 1.0), WeightFormat::Q8_0);
+            let values = fm.to_f32();
+            let Row::Q8_0 { scale, q } = fm.view() else { unreachable!("stored as Q8_0") };
+            for m in [1, 5, 16] {
+                let x = randn(&mut rng, m * cols, 1.0);
+                let xr: Vec<f32> = x
+                    .chunks(BLOCK)
+                    .flat_map(|b| {
+                        let (s, q) = quantize_block(b);
+                        q.map(|v| s * v as f32)
+                    })
+                    .collect();
+                let xt = Q8Rows::new(&x, m, cols);
+                for (first, n) in [(0, rows), (5, 40), (38, 32)] {
+                    let mut out = vec![f32::NAN; n * m];
+                    q8_0_product(scale, q, cols, first, n, &xt, &mut out);
+                    assert_row_products(&out, &values, &xr, cols, first, n, m, "Q8_0 tiles");
+                }
             }
         }
     }
