@@ -2,7 +2,8 @@
 //! inputs, f32 accumulation, 16×16×32 multiply-adds per instruction, so a product runs 3–4× faster
 //! than the best f32 GEMM on the same cores. The activations are rounded to bf16 on the way in,
 //! as in PyTorch's bf16 autocast; the weights are bf16 as stored, or a Q8_0/Q4_1 weight
-//! dequantized and rounded to bf16 (`gemv::dequantize_bf16_parallel`).
+//! dequantized and rounded to bf16 a few rows at a time as it is packed (`Weight::NkRows`,
+//! `Weight::KnRows`).
 //!
 //! Shape of the computation: A (`[m × k]`, f32, converted to bf16 tiles padded to whole tiles) times
 //! B (the weight, repacked per call into column panels of 16 in the VNNI layout the tile unit reads:
@@ -154,7 +155,16 @@ pub enum Weight<'a> {
     Nk(&'a [u16]),
     /// `W [k × n]`: the product is `a · W` (a linear layer's input gradient).
     Kn(&'a [u16]),
+    /// `W [n × k]` as `Nk`, given as a function that writes rows `first..first + out.len()/k` as
+    /// bf16 into `out`: a compact (Q8_0/Q4_1) weight dequantized sixteen rows at a time as its
+    /// panels are packed, so the bf16 matrix is never written out whole and read back.
+    NkRows(&'a RowFill<'a>),
+    /// `W [k × n]` as `Kn`, its rows (`n` values each) written by the function, 64 at a time.
+    KnRows(&'a RowFill<'a>),
 }
+
+/// Writes bf16 rows of a weight from the given first row (see `Weight::NkRows`).
+pub type RowFill<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
 
 /// `c[m×n] = alpha · a[m×k] · op(W)` (`+ c` with `accumulate`), with `a` rounded to bf16 and the
 /// products accumulated in f32; rows of `c` are `ldc` values apart and rows of `a` `lda` apart
@@ -175,8 +185,9 @@ pub fn matmul_bf16(
 ) {
     assert!(available(), "matmul_bf16 needs AMX-BF16");
     assert!(ldc >= n && lda >= k, "matmul_bf16: strides {ldc}, {lda} below the widths {n}, {k}");
-    let (Weight::Nk(wv) | Weight::Kn(wv)) = w;
-    assert_eq!(wv.len(), k * n, "matmul_bf16: weight has {} elements, expected {k}×{n}", wv.len());
+    if let Weight::Nk(wv) | Weight::Kn(wv) = w {
+        assert_eq!(wv.len(), k * n, "matmul_bf16: weight has {} elements, expected {k}×{n}", wv.len());
+    }
     if m == 0 || n == 0 {
         return;
     }
@@ -194,8 +205,10 @@ pub fn matmul_bf16(
     let mut b16 = B_SCRATCH.take();
     pack_a(a, lda, m, k, mp, kp, &mut a16);
     match w {
-        Weight::Nk(w) => pack_nk(w, n, k, np, kp, &mut b16, true),
+        Weight::Nk(w) => pack_nk(Rows::Stored(w), n, k, np, kp, &mut b16, true),
+        Weight::NkRows(fill) => pack_nk(Rows::Filled(fill), n, k, np, kp, &mut b16, true),
         Weight::Kn(w) => pack_kn(w, k, n, np, kp, &mut b16, true),
+        Weight::KnRows(fill) => pack_kn_filled(fill, k, n, np, kp, &mut b16),
     }
     multiply(c, ldc, &a16, m, kp, &b16, n, alpha, accumulate);
     A_SCRATCH.set(a16);
@@ -232,27 +245,53 @@ fn pack_a(a: &[f32], lda: usize, m: usize, k: usize, mp: usize, kp: usize, out: 
     });
 }
 
+/// Where `pack_nk` reads the weight's rows: stored bf16, or written panel by panel.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    Stored(&'a [u16]),
+    Filled(&'a RowFill<'a>),
+}
+
+thread_local! {
+    /// Sixteen rows of a weight `Rows::Filled` wrote for one panel.
+    static PANEL_ROWS: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
+}
+
 /// Panels of 16 columns of `Wᵀ` for `W [n × k]`: in panel p, tile row j of depth block t holds
 /// `W[16p + c][32t + 2j .. 32t + 2j + 2]` for c = 0..16 — 32-bit pairs of each weight row, transposed.
-fn pack_nk(w: &[u16], n: usize, k: usize, np: usize, kp: usize, out: &mut AlignedVec<u16>, parallel: bool) {
+fn pack_nk(w: Rows, n: usize, k: usize, np: usize, kp: usize, out: &mut AlignedVec<u16>, parallel: bool) {
     prepare(out, np * kp, k, kp);
     let pack_panel = |(p, panel): (usize, &mut [u16])| {
         let rows = 16.min(n.saturating_sub(16 * p));
+        if rows == 0 {
+            return; // a padding panel: its values only reach dropped columns
+        }
+        let mut filled = PANEL_ROWS.take();
+        // The panel's rows, row c at c·k.
+        let src: &[u16] = match w {
+            Rows::Stored(w) => &w[16 * p * k..(16 * p + rows) * k],
+            Rows::Filled(fill) => {
+                filled.resize(rows * k, 0);
+                fill(16 * p, &mut filled);
+                &filled
+            }
+        };
         for (t, tile) in panel.chunks_exact_mut(16 * KR).enumerate() {
             let depth = KR.min(k.saturating_sub(KR * t));
             if rows == 16 && depth == KR {
-                // SAFETY: 16 rows of W from row 16p, each with 32 values from column 32t, exist;
-                // the tile has 512 values. AVX-512 is part of `available()`.
-                unsafe { transpose_16x16_32bit(w[16 * p * k + KR * t..].as_ptr() as *const u8, 2 * k, tile.as_mut_ptr() as *mut u8, 64) };
+                // SAFETY: 16 rows of 32 values from column 32t exist in `src`; the tile has 512
+                // values. AVX-512 is part of `available()`.
+                unsafe { transpose_16x16_32bit(src[KR * t..].as_ptr() as *const u8, 2 * k, tile.as_mut_ptr() as *mut u8, 64) };
             } else {
                 for c in 0..rows {
-                    let row = &w[(16 * p + c) * k + KR * t..][..depth];
+                    let row = &src[c * k + KR * t..][..depth];
                     for (d, &v) in row.iter().enumerate() {
                         tile[(d / 2) * 32 + 2 * c + (d & 1)] = v;
                     }
                 }
             }
         }
+        PANEL_ROWS.set(filled);
     };
     if parallel {
         out.par_chunks_mut(16 * kp).enumerate().for_each(pack_panel);
@@ -351,19 +390,54 @@ unsafe fn interleave_16(a: &[u16], b: &[u16], out: &mut [u16]) {
     _mm512_storeu_si512(out.as_mut_ptr() as *mut _, _mm512_permutex2var_epi16(a, index, b));
 }
 
-/// `*mut f32` that may cross to rayon workers: each task writes its own block of C.
-#[derive(Clone, Copy)]
-struct SharedC(*mut f32);
+/// `pack_kn`'s layout for a weight whose rows `fill` writes: in tasks of 64 rows (32 tile rows of
+/// every panel), each task dequantizing its rows once and interleaving them into all panels.
+fn pack_kn_filled(fill: &RowFill, k: usize, n: usize, np: usize, kp: usize, out: &mut AlignedVec<u16>) {
+    const PAIRS: usize = 32;
+    prepare(out, np * kp, k, kp);
+    let shared = Shared(out.as_mut_ptr());
+    let pairs = k.div_ceil(2);
+    (0..pairs.div_ceil(PAIRS)).into_par_iter().for_each(|task| {
+        let (j0, j1) = (task * PAIRS, ((task + 1) * PAIRS).min(pairs));
+        let (first, last) = (2 * j0, (2 * j1).min(k));
+        let mut rows = PANEL_ROWS.take();
+        rows.resize((last - first) * n, 0);
+        fill(first, &mut rows);
+        for j in j0..j1 {
+            let r0 = &rows[(2 * j - first) * n..][..n];
+            let r1 = (2 * j + 1 < k).then(|| &rows[(2 * j + 1 - first) * n..][..n]);
+            for p in 0..n.div_ceil(16) {
+                let (c0, cols) = (16 * p, 16.min(n - 16 * p));
+                // SAFETY: tile row j of panel p, 32 values at p·16·kp + 32·j inside `out`
+                // (np·kp values, j < kp/2); only the task with row pair j writes it.
+                let tile_row = unsafe { std::slice::from_raw_parts_mut(shared.at(p * 16 * kp + 32 * j), 32) };
+                match r1 {
+                    // odd depth: the last row pairs with zeros (left by `prepare`)
+                    None => (0..cols).for_each(|c| tile_row[2 * c] = r0[c0 + c]),
+                    // SAFETY: both row segments and the tile row have the lengths it reads.
+                    Some(r1) if cols == 16 => unsafe { interleave_16(&r0[c0..], &r1[c0..], tile_row) },
+                    Some(r1) => (0..cols).for_each(|c| (tile_row[2 * c], tile_row[2 * c + 1]) = (r0[c0 + c], r1[c0 + c])),
+                }
+            }
+        }
+        PANEL_ROWS.set(rows);
+    });
+}
 
-impl SharedC {
+/// A pointer into an output that may cross to rayon workers: each task writes its own part (a
+/// column of C blocks in `multiply`, a range of tile rows in `pack_kn_filled`).
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+
+impl<T> Shared<T> {
     /// A method, not a field access, so closures capture the whole `Sync` wrapper.
-    fn at(&self, offset: usize) -> *mut f32 {
+    fn at(&self, offset: usize) -> *mut T {
         self.0.wrapping_add(offset)
     }
 }
-// SAFETY: tasks write disjoint blocks (see `multiply`).
-unsafe impl Send for SharedC {}
-unsafe impl Sync for SharedC {}
+// SAFETY: tasks write disjoint parts (see the users).
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
 
 /// Rows of A per pass of `multiply`: a pass's packed rows (576 KiB at a depth of 576) stay in a
 /// core's second-level cache (2 MiB) while the weight panels stream past them once.
@@ -387,7 +461,7 @@ thread_local! {
 #[allow(clippy::too_many_arguments)]
 fn multiply(c: &mut [f32], ldc: usize, a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usize, alpha: f32, accumulate: bool) {
     let (m_blocks, n_blocks) = (m.div_ceil(MR), n.div_ceil(NR));
-    let shared = SharedC(c.as_mut_ptr());
+    let shared = Shared(c.as_mut_ptr());
     for first in (0..m_blocks).step_by(PASS_ROWS / MR) {
         let blocks = (PASS_ROWS / MR).min(m_blocks - first);
         (0..n_blocks).into_par_iter().for_each(|nb| {
@@ -520,7 +594,7 @@ pub(crate) fn transpose_f32(src: &[f32], src_stride: usize, rows: usize, cols: u
 /// panels of `16·k` values (the `Weight::Nk` layout of `matmul_bf16`).
 pub(crate) fn panels_nk(w: &[u16], n: usize, k: usize, out: &mut AlignedVec<u16>) {
     assert!(n.is_multiple_of(NR) && k.is_multiple_of(KR) && w.len() == n * k);
-    pack_nk(w, n, k, n, k, out, false);
+    pack_nk(Rows::Stored(w), n, k, n, k, out, false);
 }
 
 /// `w` (`[k × n]` bf16, both multiples of 32) as B panels for products with `w`: `n / 16`

@@ -400,18 +400,14 @@ pub fn dequantize_parallel(w: Row, cols: usize, first: usize, out: &mut [f32]) {
     out.par_chunks_mut(chunk * cols).enumerate().for_each(|(c, o)| dequantize(w, cols, first + c * chunk, o));
 }
 
-/// Rows `first..first + out.len()/cols` of the matrix `w` rounded to bf16 (bit patterns), in
-/// parallel: a compact weight in the form the AMX products take. Each row goes through f32 once.
-pub fn dequantize_bf16_parallel(w: Row, cols: usize, first: usize, out: &mut [u16]) {
-    use rayon::prelude::*;
-    let chunk = rows_per_task(out.len() / cols);
-    out.par_chunks_mut(chunk * cols).enumerate().for_each(|(c, o)| {
-        let mut row = vec![0.0f32; cols];
-        for (i, dst) in o.chunks_mut(cols).enumerate() {
-            dequantize(w, cols, first + c * chunk + i, &mut row);
-            dst.iter_mut().zip(&row).for_each(|(d, &s)| *d = super::amx::to_bf16(s));
-        }
-    });
+/// Rows `first..first + out.len()/cols` of `w` as bf16 (values rounded to nearest even), on the
+/// calling thread.
+pub fn dequantize_bf16(w: Row, cols: usize, first: usize, out: &mut [u16]) {
+    let mut row = vec![0.0f32; cols];
+    for (i, dst) in out.chunks_mut(cols).enumerate() {
+        dequantize(w, cols, first + i, &mut row);
+        dst.iter_mut().zip(&row).for_each(|(d, &s)| *d = super::amx::to_bf16(s));
+    }
 }
 
 /// From this many activation rows on, Q8_0 and bf16 products run on AMX tiles where the CPU has

@@ -21,20 +21,20 @@ struct Head<'a> {
     w: Row<'a>,
     vocab: usize,
     dim: usize,
-    /// f32 (or, for AMX, bf16) copy of one vocabulary block, and the matching columns of the logits.
+    /// f32 copy of one vocabulary block (compact heads without AMX), and the matching columns of
+    /// the logits.
     block: Vec<f32>,
-    block_bf16: Vec<u16>,
     cols: Vec<f32>,
 }
 
 impl<'a> Head<'a> {
     fn new(w: Row<'a>, vocab: usize, dim: usize) -> Self {
-        Head { w, vocab, dim, block: Vec::new(), block_bf16: Vec::new(), cols: Vec::new() }
+        Head { w, vocab, dim, block: Vec::new(), cols: Vec::new() }
     }
 
     /// Vocabulary blocks as (first row, rows, values): an f32 head whole; on a CPU with AMX, a
-    /// bf16 head as stored and a Q8_0/Q4_1 head dequantized to bf16 one block at a time; without
-    /// AMX, compact heads expanded to f32 one block at a time.
+    /// bf16 head as stored and a Q8_0/Q4_1 head's block dequantized to bf16 as its product packs
+    /// it; without AMX, compact heads expanded to f32 one block at a time.
     fn for_each_block(&mut self, mut f: impl FnMut(usize, usize, DenseWeight, &mut Vec<f32>)) {
         let (w, dim) = (self.w, self.dim);
         if let Row::F32(all) = w {
@@ -45,9 +45,8 @@ impl<'a> Head<'a> {
             match w {
                 Row::Bf16(all) if amx::available() => f(v0, n, DenseWeight::Bf16(&all[v0 * dim..(v0 + n) * dim]), &mut self.cols),
                 _ if amx::available() => {
-                    self.block_bf16.resize(n * dim, 0);
-                    gemv::dequantize_bf16_parallel(w, dim, v0, &mut self.block_bf16);
-                    f(v0, n, DenseWeight::Bf16(&self.block_bf16), &mut self.cols);
+                    let fill = |first: usize, out: &mut [u16]| gemv::dequantize_bf16(w, dim, v0 + first, out);
+                    f(v0, n, DenseWeight::Bf16Rows(&fill), &mut self.cols);
                 }
                 _ => {
                     self.block.resize(n * dim, 0.0);
@@ -64,6 +63,7 @@ impl<'a> Head<'a> {
         let (vocab, dim) = (self.vocab, self.dim);
         self.for_each_block(|v0, n, wb, cols| match wb {
             DenseWeight::Bf16(w) => amx::matmul_bf16(&mut logits[v0..], vocab, x, dim, c, dim, amx::Weight::Nk(w), n, 1.0, false),
+            DenseWeight::Bf16Rows(w) => amx::matmul_bf16(&mut logits[v0..], vocab, x, dim, c, dim, amx::Weight::NkRows(w), n, 1.0, false),
             DenseWeight::F32(_) if n == vocab => wb.forward(logits, x, c, n, dim),
             DenseWeight::F32(_) => {
                 cols.resize(c * n, 0.0);
@@ -80,6 +80,7 @@ impl<'a> Head<'a> {
         let (vocab, dim) = (self.vocab, self.dim);
         self.for_each_block(|v0, n, wb, cols| match wb {
             DenseWeight::Bf16(w) => amx::matmul_bf16(dx, dim, &g[v0..], vocab, c, n, amx::Weight::Kn(w), dim, 1.0, v0 > 0),
+            DenseWeight::Bf16Rows(w) => amx::matmul_bf16(dx, dim, &g[v0..], vocab, c, n, amx::Weight::KnRows(w), dim, 1.0, v0 > 0),
             DenseWeight::F32(_) if n == vocab => wb.backward(dx, g, c, n, dim, false),
             DenseWeight::F32(_) => {
                 cols.resize(c * n, 0.0);

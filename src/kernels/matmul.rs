@@ -56,12 +56,15 @@ pub fn matmul(c: &mut [f32], a: &[f32], a_t: bool, b: &[f32], b_t: bool, m: usiz
 }
 
 /// A weight matrix `[rows × cols]` (a linear layer's `[out, in]`) in a form the products take:
-/// f32 through `matmul`, or bf16 on AMX tiles (`amx::matmul_bf16`; construct it only when
-/// `amx::available()`).
+/// f32 through `matmul`, or bf16 on AMX tiles (`amx::matmul_bf16`; construct the bf16 forms only
+/// when `amx::available()`).
 #[derive(Clone, Copy)]
 pub enum DenseWeight<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
+    /// bf16 rows written on demand (`amx::RowFill`): a Q8_0/Q4_1 weight dequantized a few rows at
+    /// a time as the product packs it into tile panels, never whole.
+    Bf16Rows(&'a super::amx::RowFill<'a>),
 }
 
 impl DenseWeight<'_> {
@@ -70,6 +73,7 @@ impl DenseWeight<'_> {
         match self {
             DenseWeight::F32(w) => matmul(y, x, false, w, true, m, rows, cols, 1.0, false),
             DenseWeight::Bf16(w) => super::amx::matmul_bf16(y, rows, x, cols, m, cols, super::amx::Weight::Nk(w), rows, 1.0, false),
+            DenseWeight::Bf16Rows(w) => super::amx::matmul_bf16(y, rows, x, cols, m, cols, super::amx::Weight::NkRows(w), rows, 1.0, false),
         }
     }
 
@@ -79,6 +83,9 @@ impl DenseWeight<'_> {
         match self {
             DenseWeight::F32(w) => matmul(dx, dy, false, w, false, m, cols, rows, 1.0, accumulate),
             DenseWeight::Bf16(w) => super::amx::matmul_bf16(dx, cols, dy, rows, m, rows, super::amx::Weight::Kn(w), cols, 1.0, accumulate),
+            DenseWeight::Bf16Rows(w) => {
+                super::amx::matmul_bf16(dx, cols, dy, rows, m, rows, super::amx::Weight::KnRows(w), cols, 1.0, accumulate)
+            }
         }
     }
 }

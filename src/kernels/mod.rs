@@ -19,7 +19,11 @@ pub mod amx {
     pub enum Weight<'a> {
         Nk(&'a [u16]),
         Kn(&'a [u16]),
+        NkRows(&'a RowFill<'a>),
+        KnRows(&'a RowFill<'a>),
     }
+
+    pub type RowFill<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
 
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_bf16(_: &mut [f32], _: usize, _: &[f32], _: usize, _: usize, _: usize, _: Weight, _: usize, _: f32, _: bool) {

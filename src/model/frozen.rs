@@ -77,8 +77,6 @@ pub struct FrozenMatrix {
 thread_local! {
     /// f32 copy of the last matrix `with_f32` expanded on this thread; reused to avoid page faults.
     static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-    /// The same for the bf16 copies `with_dense` makes of Q8_0/Q4_1 matrices for AMX.
-    static SCRATCH_BF16: Cell<Vec<u16>> = const { Cell::new(Vec::new()) };
 }
 
 /// Runs `f` on `n` values that `fill` writes into this thread's scratch buffer `cell` (taken, not
@@ -240,15 +238,16 @@ impl FrozenMatrix {
     }
 
     /// The matrix as the GEMMs take it. Where the CPU has AMX: bf16 as stored, and Q8_0/Q4_1
-    /// dequantized to bf16 in scratch (half the bytes of f32, and the products run on tiles, so a
-    /// quantized base trains at nearly bf16 speed); elsewhere f32 (expanded into scratch).
+    /// dequantized to bf16 a few rows at a time as the product packs them into tile panels (no
+    /// bf16 copy of the whole matrix is written and read back, so a quantized base trains at
+    /// nearly bf16 speed); elsewhere f32 (compact formats expanded into scratch).
     fn with_dense<R>(&self, f: impl FnOnce(DenseWeight) -> R) -> R {
         match &self.data {
             Data::F32(w) => f(DenseWeight::F32(w)),
             Data::Bf16(w) if amx::available() => f(DenseWeight::Bf16(w)),
             Data::Q8_0 { .. } | Data::Q4_1 { .. } if amx::available() => {
-                let fill = |buf: &mut [u16]| gemv::dequantize_bf16_parallel(self.view(), self.cols, 0, buf);
-                with_scratch(&SCRATCH_BF16, self.len(), fill, |w| f(DenseWeight::Bf16(w)))
+                let fill = |first: usize, out: &mut [u16]| gemv::dequantize_bf16(self.view(), self.cols, first, out);
+                f(DenseWeight::Bf16Rows(&fill))
             }
             _ => self.with_f32(|w| f(DenseWeight::F32(w))),
         }
@@ -331,10 +330,13 @@ mod tests {
         // dequantized, then rounded) and the activations rounded to bf16. Without AMX, compact
         // weights are expanded to f32 exactly.
         let mut rng = Rng::new(11);
-        let (rows, cols, m) = (70, 96, 37);
-        let w = randn(&mut rng, rows * cols, 1.0);
         let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
-        for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8_0, WeightFormat::Q4_1] {
+        // 71 rows: an odd depth for the input gradient (its last row pairs with zeros).
+        for ((rows, cols, m), format) in [(70, 96, 37), (71, 96, 5)]
+            .into_iter()
+            .flat_map(|shape| [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8_0, WeightFormat::Q4_1].map(|f| (shape, f)))
+        {
+            let w = randn(&mut rng, rows * cols, 1.0);
             let fm = FrozenMatrix::new(rows, cols, w.clone(), format);
             let tiles = amx::available() && format != WeightFormat::F32;
             let values = if tiles { round(&fm.to_f32()) } else { fm.to_f32() };
