@@ -3,6 +3,7 @@
 //! Forward keeps only the log-sum-exp of each query row; backward recomputes the probabilities
 //! from it (as flash attention does), so no `[seq × seq]` matrix outlives one query row.
 
+use super::dot::dot;
 use rayon::prelude::*;
 
 /// Shapes and masking rules of one attention call. Query `i` sits at absolute position
@@ -44,8 +45,6 @@ impl AttnShape {
     }
 }
 
-pub use super::dot::dot;
-
 #[inline]
 fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     for (a, &b) in y.iter_mut().zip(x) {
@@ -74,8 +73,8 @@ const GEMM_MIN_QUERIES: usize = 16;
 
 /// Row-by-row forward: one query's scores at a time (decoding, and prompts too short for the
 /// per-head GEMMs). The scores go through the vectorized exp, and the weighted sum of the values
-/// runs 16 lanes of the output at a time over all keys, so those lanes stay in registers instead
-/// of being loaded and stored once per key.
+/// runs 64 lanes of the output at a time over all keys (`weighted_rows`), so those lanes stay in
+/// registers instead of being loaded and stored once per key.
 fn forward_rows(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
     let (hd, tq, tk, ts) = (s.head_dim, s.q_len, s.kv_len, s.kv_stride);
     let g = s.group();

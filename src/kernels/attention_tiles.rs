@@ -12,7 +12,8 @@
 
 use super::aligned::AlignedVec;
 use super::amx;
-use super::attention::{dot, query_tiles, softmax_rows, AttnShape};
+use super::attention::{query_tiles, softmax_rows, AttnShape};
+use super::dot::dot;
 use rayon::prelude::*;
 use std::cell::Cell;
 
