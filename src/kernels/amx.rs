@@ -495,9 +495,8 @@ fn multiply(c: &mut [f32], ldc: usize, a16: &[u16], m: usize, kp: usize, b16: &[
             for (i, block) in scratch.chunks_exact(MR * NR).enumerate() {
                 let mb = first + i;
                 for (r, src) in block.chunks_exact(NR).take((m - mb * MR).min(MR)).enumerate() {
-                    // SAFETY: row mb·32 + r < m and columns nb·32 .. +cols ≤ n lie in `c` (its length was
-                    // checked against the stride), and only
-                    // this task writes columns nb·32 .. +32.
+                    // SAFETY: row mb·32 + r < m and columns nb·32 .. +cols ≤ n lie in `c` (its length
+                    // was checked against the stride), and only this task writes columns nb·32 .. +32.
                     let dst = unsafe { std::slice::from_raw_parts_mut(shared.at((mb * MR + r) * ldc + nb * NR), cols) };
                     if accumulate {
                         dst.iter_mut().zip(src).for_each(|(d, s)| *d += alpha * s);
