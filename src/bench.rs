@@ -158,18 +158,11 @@ pub fn train(p: &Pretrained, b: &TrainBench) -> Result<Value> {
         losses.push(loss.mean());
     }
     crate::profile::set_enabled(false);
-    // Seconds per measured step by phase; what the phases do not cover is copies, layout changes
-    // (token-major ↔ head-major) and allocation.
-    let phases = crate::profile::take();
+    // What the phases do not cover is copies, layout changes (token-major ↔ head-major) and
+    // allocation.
     let profile = b.profile.then(|| {
         let mean_step = times.iter().sum::<f64>() / times.len() as f64;
-        let per_step: Vec<(&str, f64)> = phases.iter().map(|(p, s)| (p.name(), s / times.len() as f64)).collect();
-        let covered: f64 = per_step.iter().map(|x| x.1).sum();
-        let mut v = serde_json::Map::new();
-        for (name, s) in per_step {
-            v.insert(format!("{name}_s"), json!(s));
-        }
-        v.insert("other_s".into(), json!(mean_step - covered));
+        let mut v = phases_per_step(times.len(), mean_step);
         v.insert("step_s_mean".into(), json!(mean_step));
         v.insert("minor_faults_per_step".into(), json!(faults as f64 / times.len() as f64));
         Value::Object(v)
@@ -234,6 +227,19 @@ pub fn decode(p: &mut Pretrained, adapter: Option<&LoraAdapter>, new_tokens: usi
     Ok(out)
 }
 
+/// The seconds `profile` recorded since the last call, per step of `steps` (`<phase>_s`), and
+/// what they leave of a mean step of `step_s` (`other_s`); resets the record.
+fn phases_per_step(steps: usize, step_s: f64) -> serde_json::Map<String, Value> {
+    let mut v = serde_json::Map::new();
+    let mut covered = 0.0;
+    for (phase, secs) in crate::profile::take() {
+        v.insert(format!("{}_s", phase.name()), json!(secs / steps as f64));
+        covered += secs / steps as f64;
+    }
+    v.insert("other_s".into(), json!(step_s - covered));
+    v
+}
+
 /// Batched inference with one adapter per row: `rows` sequences prefill `prefill` tokens each in
 /// one step, then decode `steps` tokens each, all rows sharing one adapter vs every row on its
 /// own adapter (LoRA q,v rank `r`). Returns both timings and their ratio.
@@ -253,17 +259,6 @@ pub fn multi_adapter(p: &Pretrained, rows: usize, r: usize, prefill: usize, step
         })
         .collect::<Result<_>>()?;
     let prompts: Vec<Vec<u32>> = (0..rows).map(|i| (0..prefill).map(|t| ((t * 31 + i * 7) % 1000 + 100) as u32).collect()).collect();
-    // Seconds per decode step in each phase (`--profile`), and what they leave.
-    let phases = |step_s: f64| -> Value {
-        let mut m = serde_json::Map::new();
-        let mut timed = 0.0;
-        for (phase, secs) in crate::profile::take() {
-            m.insert(format!("{}_s", phase.name()), json!(secs / steps as f64));
-            timed += secs / steps as f64;
-        }
-        m.insert("other_s".into(), json!(step_s - timed));
-        Value::Object(m)
-    };
     let run = |distinct: bool| -> Result<(f64, f64)> {
         let mut caches: Vec<SeqCache> = (0..rows).map(|_| p.model.new_seq_cache(prefill + steps + 1)).collect::<Result<_>>()?;
         let pick = |i: usize| -> Option<(&dyn LowRankSource, f32)> { Some((&adapters[if distinct { i } else { 0 }], 1.0)) };
@@ -288,9 +283,9 @@ pub fn multi_adapter(p: &Pretrained, rows: usize, r: usize, prefill: usize, step
     };
     run(true)?; // warm-up
     let (one_pre, one_step) = run(false)?;
-    let one_profile = phases(one_step);
+    let one_profile = Value::Object(phases_per_step(steps, one_step));
     let (many_pre, many_step) = run(true)?;
-    let many_profile = phases(many_step);
+    let many_profile = Value::Object(phases_per_step(steps, many_step));
     let weights = p.model.layers[0].linear[0].w.format().name();
     Ok(json!({"bench": "multi_adapter", "impl": "lowrank", "weights": weights, "rows": rows, "r": r, "prefill_tokens": prefill,
               "threads": rayon::current_num_threads(),

@@ -352,22 +352,9 @@ fn pack_kn(w: &[u16], k: usize, n: usize, np: usize, kp: usize, out: &mut Aligne
                 if cols == 0 {
                     break; // padding panels
                 }
-                let tile_row = &mut panel[32 * j..32 * j + 32];
                 let r0 = &w[2 * j * n + c0..][..cols];
-                if 2 * j + 1 == k {
-                    // odd depth: the last row pairs with zeros (left by `prepare`)
-                    r0.iter().enumerate().for_each(|(c, &v)| tile_row[2 * c] = v);
-                    continue;
-                }
-                let r1 = &w[(2 * j + 1) * n + c0..][..cols];
-                if cols == 16 {
-                    // SAFETY: both row segments and the tile row have the lengths the function reads.
-                    unsafe { interleave_16(r0, r1, tile_row) };
-                } else {
-                    for c in 0..cols {
-                        (tile_row[2 * c], tile_row[2 * c + 1]) = (r0[c], r1[c]);
-                    }
-                }
+                let r1 = (2 * j + 1 < k).then(|| &w[(2 * j + 1) * n + c0..][..cols]);
+                interleave_pair(r0, r1, &mut panel[32 * j..32 * j + 32]);
             }
         }
     };
@@ -375,6 +362,19 @@ fn pack_kn(w: &[u16], k: usize, n: usize, np: usize, kp: usize, out: &mut Aligne
         out.par_chunks_mut(PANELS * 16 * kp).enumerate().for_each(pack_group);
     } else {
         out.chunks_mut(PANELS * 16 * kp).enumerate().for_each(pack_group);
+    }
+}
+
+/// One tile row of a `pack_kn` panel: `r0[c], r1[c]` pairs for its columns (up to 16). Without
+/// `r1` (an odd depth's last row) only the even positions are written; the odd ones keep the zeros
+/// `prepare` left.
+fn interleave_pair(r0: &[u16], r1: Option<&[u16]>, tile_row: &mut [u16]) {
+    match r1 {
+        None => r0.iter().enumerate().for_each(|(c, &v)| tile_row[2 * c] = v),
+        // SAFETY: both row segments have 16 values and the tile row 32; AVX-512 is part of
+        // `available()`.
+        Some(r1) if r0.len() == 16 => unsafe { interleave_16(r0, r1, tile_row) },
+        Some(r1) => r0.iter().zip(r1).enumerate().for_each(|(c, (&a, &b))| (tile_row[2 * c], tile_row[2 * c + 1]) = (a, b)),
     }
 }
 
@@ -411,13 +411,7 @@ fn pack_kn_filled(fill: &RowFill, k: usize, n: usize, np: usize, kp: usize, out:
                 // SAFETY: tile row j of panel p, 32 values at p·16·kp + 32·j inside `out`
                 // (np·kp values, j < kp/2); only the task with row pair j writes it.
                 let tile_row = unsafe { std::slice::from_raw_parts_mut(shared.at(p * 16 * kp + 32 * j), 32) };
-                match r1 {
-                    // odd depth: the last row pairs with zeros (left by `prepare`)
-                    None => (0..cols).for_each(|c| tile_row[2 * c] = r0[c0 + c]),
-                    // SAFETY: both row segments and the tile row have the lengths it reads.
-                    Some(r1) if cols == 16 => unsafe { interleave_16(&r0[c0..], &r1[c0..], tile_row) },
-                    Some(r1) => (0..cols).for_each(|c| (tile_row[2 * c], tile_row[2 * c + 1]) = (r0[c0 + c], r1[c0 + c])),
-                }
+                interleave_pair(&r0[c0..c0 + cols], r1.map(|r1| &r1[c0..c0 + cols]), tile_row);
             }
         }
         PANEL_ROWS.set(rows);
@@ -445,8 +439,9 @@ const PASS_ROWS: usize = 512;
 
 /// Depth per chunk of `multiply`: a pair of weight panels over this depth (16 KiB) stays in the
 /// first-level cache (48 KiB) while a pass's A tiles stream past it from the second level, so a
-/// product step loads one of its two operands from L1. With both operands from L2 (4 KiB per four
-/// tile products) the products ran at about a third of the tile unit's rate.
+/// product step loads one of its two operands from L1. Measured against the whole depth at once,
+/// in alternating whole-process pairs of the training benchmark, it changed nothing beyond the
+/// noise (0.99× at 4×128, 0.98× at 4×512): on this VM the tile unit's own rate set the pace.
 const DEPTH_CHUNK: usize = 256;
 
 thread_local! {
@@ -995,8 +990,9 @@ mod tests {
         let mut rng = Rng::new(12);
         let (m, n, k, lda, ldc, a_at, c_at) = (45, 40, 70, 83, 57, 9, 11);
         let a_wide = randn(&mut rng, m * lda, 1.0);
-        let w16: Vec<u16> = randn(&mut rng, n * k, 1.0).iter().map(|&x| to_bf16(x)).collect();
-        let wr: Vec<f32> = w16.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+        let w = randn(&mut rng, n * k, 1.0);
+        let w16: Vec<u16> = w.iter().map(|&x| to_bf16(x)).collect();
+        let wr = bf16_round(&w);
         let a: Vec<f32> = a_wide.chunks(lda).flat_map(|row| bf16_round(&row[a_at..a_at + k])).collect();
         for acc in [false, true] {
             let c0 = randn(&mut rng, m * ldc, 1.0);
