@@ -13,6 +13,7 @@
 //! (arch_prctl ARCH_REQ_XCOMP_PERM), without which the first tile instruction would fault.
 
 use super::aligned::AlignedVec;
+use super::bf16::to_bf16;
 use super::blocks::{quantize_block_avx512, BLOCK};
 use rayon::prelude::*;
 use std::arch::asm;
@@ -139,13 +140,6 @@ unsafe fn microkernel(
         c_stride = in(reg) c_stride,
         options(nostack)
     );
-}
-
-/// f32 → bf16, rounding to nearest even (finite values; what `half::bf16::from_f32` gives them).
-#[inline(always)]
-pub(crate) fn to_bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// The weight operand of `matmul_bf16`, bf16 bit patterns, row-major.
@@ -967,16 +961,7 @@ mod tests {
     use crate::rng::Rng;
 
     fn bf16_round(v: &[f32]) -> Vec<f32> {
-        v.iter().map(|&x| f32::from_bits((to_bf16(x) as u32) << 16)).collect()
-    }
-
-    #[test]
-    fn rounding_matches_half() {
-        // 0x3F80_8000 and 0x3F81_8000 are halfway between two bf16 values (ties to even).
-        let ties = [f32::from_bits(0x3F80_8000), f32::from_bits(0x3F81_8000)];
-        for x in [0.0f32, -0.0, 1.0, ties[0], ties[1], -2.7, 1e-30, 6.5e4, 3.4e38] {
-            assert_eq!(to_bf16(x), half::bf16::from_f32(x).to_bits(), "{x}");
-        }
+        v.iter().map(|&x| super::super::bf16::to_f32(to_bf16(x))).collect()
     }
 
     /// With row strides the product reads a block of columns of a wider A and writes a block of

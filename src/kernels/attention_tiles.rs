@@ -13,6 +13,7 @@
 use super::aligned::AlignedVec;
 use super::amx;
 use super::attention::{query_tiles, softmax_rows, AttnShape};
+use super::bf16;
 use super::dot::dot;
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -173,7 +174,7 @@ pub(super) fn backward(
                             ds.iter_mut()
                                 .zip(&w.p[row.clone()])
                                 .zip(&w.dp[row])
-                                .for_each(|((x, &p), &dp)| *x = amx::to_bf16(p * (dp - d_i) * scale));
+                                .for_each(|((x, &p), &dp)| *x = bf16::to_bf16(p * (dp - d_i) * scale));
                         }
                         // dVᵀ += dOᵀ·P
                         amx::panels_kn_f32(&w.p, n_p, rows, rows_p, n_p, &mut w.b);

@@ -8,12 +8,8 @@
 //! code compiled with AVX-512 enabled. Where the CPU also has VNNI and BF16, `gemv_parallel`
 //! runs the products of `vnni` instead, in each format's own dot-product instruction.
 
+use super::bf16::to_f32 as bf16_to_f32;
 use super::blocks::{Row, BLOCK};
-
-#[inline(always)]
-fn bf16_to_f32(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
-}
 
 #[inline(always)]
 fn sum16(acc: [f32; 16]) -> f32 {
@@ -406,7 +402,7 @@ pub fn dequantize_bf16(w: Row, cols: usize, first: usize, out: &mut [u16]) {
     let mut row = vec![0.0f32; cols];
     for (i, dst) in out.chunks_mut(cols).enumerate() {
         dequantize(w, cols, first + i, &mut row);
-        dst.iter_mut().zip(&row).for_each(|(d, &s)| *d = super::amx::to_bf16(s));
+        dst.iter_mut().zip(&row).for_each(|(d, &s)| *d = super::bf16::to_bf16(s));
     }
 }
 

@@ -33,6 +33,7 @@ pub mod amx {
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod attention_tiles;
+pub mod bf16;
 pub mod blocks;
 pub mod dot;
 pub mod dropout;

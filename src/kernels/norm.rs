@@ -1,5 +1,6 @@
 //! RMSNorm (Llama family): y = w ⊙ x / sqrt(mean(x²) + eps), computed in f32 with an f64 sum.
 
+use super::bf16::AsF32;
 use rayon::prelude::*;
 
 /// Normalizes each row of `x` (`[rows, dim]`) into `y`, storing 1/rms per row in `rstd` for backward.
@@ -18,29 +19,30 @@ pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut
     });
 }
 
-/// y = w ⊙ x · rstd with the per-row `rstd` a forward pass stored (recomputes its output).
-pub fn rmsnorm_apply(x: &[f32], w: &[f32], rstd: &[f32], y: &mut [f32]) {
+/// y = w ⊙ x · rstd with the per-row `rstd` a forward pass stored (recomputes its output); `x`
+/// in f32 or bf16.
+pub fn rmsnorm_apply<T: AsF32>(x: &[T], w: &[f32], rstd: &[f32], y: &mut [f32]) {
     let _timer = crate::profile::time(crate::profile::Phase::Elementwise);
     let dim = w.len();
     y.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(rstd.par_iter()).for_each(|((yr, xr), &r)| {
         for ((yv, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
-            *yv = wv * (xv * r);
+            *yv = wv * (xv.as_f32() * r);
         }
     });
 }
 
 /// Adds dL/dx to `dx` given dL/dy. The weight is frozen, so no weight gradient is formed.
-/// With g = w ⊙ dy: dx = r·g − x·r³·mean(g ⊙ x).
-pub fn rmsnorm_backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut [f32]) {
+/// With g = w ⊙ dy: dx = r·g − x·r³·mean(g ⊙ x). `x` in f32 or bf16.
+pub fn rmsnorm_backward<T: AsF32>(dy: &[f32], x: &[T], w: &[f32], rstd: &[f32], dx: &mut [f32]) {
     let _timer = crate::profile::time(crate::profile::Phase::Elementwise);
     let dim = w.len();
     assert_eq!(dy.len(), x.len());
     assert_eq!(dx.len(), x.len());
     dx.par_chunks_mut(dim).zip(dy.par_chunks(dim)).zip(x.par_chunks(dim)).zip(rstd.par_iter()).for_each(|(((dxr, dyr), xr), &r)| {
-        let gx: f64 = dyr.iter().zip(w).zip(xr).map(|((&d, &wv), &xv)| (d * wv) as f64 * xv as f64).sum();
+        let gx: f64 = dyr.iter().zip(w).zip(xr).map(|((&d, &wv), &xv)| (d * wv) as f64 * xv.as_f32() as f64).sum();
         let c = (gx / dim as f64) as f32 * r * r * r;
         for (((o, &d), &wv), &xv) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
-            *o += r * (d * wv) - xv * c;
+            *o += r * (d * wv) - xv.as_f32() * c;
         }
     });
 }

@@ -107,7 +107,7 @@ impl Activations {
                 for (row, out) in x.chunks_exact(cols).zip(a.x.chunks_exact_mut(chunks)) {
                     for (src, dst) in row.chunks(32).zip(out.iter_mut()) {
                         for (k, &v) in src.iter().enumerate() {
-                            dst.0[2 * k..2 * k + 2].copy_from_slice(&super::amx::to_bf16(v).to_le_bytes());
+                            dst.0[2 * k..2 * k + 2].copy_from_slice(&super::bf16::to_bf16(v).to_le_bytes());
                         }
                     }
                 }
@@ -177,7 +177,7 @@ fn lane_block(kind: Kind, l: usize) -> usize {
 pub fn rounded(w: Row, x: &[f32], cols: usize) -> Vec<f32> {
     match kind(w) {
         Kind::F32 => x.to_vec(),
-        Kind::Bf16 => x.iter().map(|&v| f32::from_bits((super::amx::to_bf16(v) as u32) << 16)).collect(),
+        Kind::Bf16 => x.iter().map(|&v| f32::from_bits((super::bf16::to_bf16(v) as u32) << 16)).collect(),
         Kind::Q8_0 | Kind::Q4_1 => {
             assert!(cols.is_multiple_of(BLOCK));
             x.chunks_exact(BLOCK)

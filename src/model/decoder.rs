@@ -8,7 +8,7 @@ use super::adapt::{
     linear_backward, linear_forward, linear_forward_segments, module_name, project, Linear, LowRank, LowRankActs, LowRankSource,
     ModuleKind, ModuleSpec, Segment,
 };
-use super::buffers::{self, Buf};
+use super::buffers::{self, with_saved, Buf, Saved};
 use super::config::DecoderConfig;
 use super::frozen::{FrozenMatrix, WeightFormat};
 use super::weights::{TensorStore, WeightSource};
@@ -178,10 +178,10 @@ struct AttnActs {
 
 /// What one layer pass produced besides its output.
 struct PassActs {
-    x_in: Buf,
+    x_in: Saved,
     rstd1: Vec<f32>,
     attn: Option<AttnActs>,
-    h2: Buf,
+    h2: Saved,
     rstd2: Vec<f32>,
     gate: Buf,
     up: Buf,
@@ -189,19 +189,20 @@ struct PassActs {
 
 /// Everything one layer's backward reads. Head-major tensors are `[batch, heads, seq, head_dim]`.
 /// Cheap elementwise results (normed inputs, the SwiGLU output, the token-major attention
-/// output) are recomputed in the backward pass instead of being kept.
+/// output) are recomputed in the backward pass instead of being kept. The large ones are kept in
+/// bf16 when the model runs in bf16 (see `Saved`).
 struct LayerActs {
-    x_in: Buf,
+    x_in: Saved,
     rstd1: Vec<f32>,
-    q: Buf,
-    k: Buf,
-    v: Buf,
-    attn: Buf,
+    q: Saved,
+    k: Saved,
+    v: Saved,
+    attn: Saved,
     lse: Vec<f32>,
-    h2: Buf,
+    h2: Saved,
     rstd2: Vec<f32>,
-    gate: Buf,
-    up: Buf,
+    gate: Saved,
+    up: Saved,
     lowrank: Vec<Option<LowRankActs>>,
 }
 
@@ -445,13 +446,14 @@ impl DecoderModel {
     /// One layer over `n` token rows, `h` (`[n, hidden]`) updated in place. `proj` runs a linear
     /// module (with whatever adapters apply) and `attend` turns token-major q, k, v into the
     /// token-major attention output: the two ways of running a layer (a training batch, and
-    /// sequences with KV caches) differ only there.
-    fn layer_pass(&self, l: usize, h: &mut [f32], n: usize, proj: &mut Project, attend: &mut Attend) -> PassActs {
+    /// sequences with KV caches) differ only there. `keep_bf16` keeps the layer's input and
+    /// residual in bf16.
+    fn layer_pass(&self, l: usize, h: &mut [f32], n: usize, proj: &mut Project, attend: &mut Attend, keep_bf16: bool) -> PassActs {
         let c = &self.config;
         let layer = &self.layers[l];
         let (d, hd) = (c.hidden_size, c.head_dim);
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
-        let x_in = buffers::copy_of(h);
+        let x_in = Saved::copy_of(h, keep_bf16);
         let mut xn1 = buffers::take(n * d);
         let mut rstd1 = vec![0.0; n];
         rmsnorm_forward(h, &layer.attn_norm, c.rms_norm_eps, &mut xn1, &mut rstd1);
@@ -464,7 +466,7 @@ impl DecoderModel {
             *hv += ov;
         }
 
-        let h2 = buffers::copy_of(h);
+        let h2 = Saved::copy_of(h, keep_bf16);
         let mut xn2 = buffers::take(n * d);
         let mut rstd2 = vec![0.0; n];
         rmsnorm_forward(h, &layer.mlp_norm, c.rms_norm_eps, &mut xn2, &mut rstd2);
@@ -480,8 +482,17 @@ impl DecoderModel {
     }
 
     /// One layer forward over a batch; `h` (`[tokens, hidden]`) is updated in place and what the
-    /// backward pass reads is returned.
-    fn layer_forward(&self, l: usize, h: &mut [f32], ctx: &StepCtx, ad: &dyn LowRankSource, mut rng: Option<&mut Rng>) -> LayerActs {
+    /// backward pass reads is returned. `for_backward` says whether it will be read (only then
+    /// is it worth rounding to bf16).
+    fn layer_forward(
+        &self,
+        l: usize,
+        h: &mut [f32],
+        ctx: &StepCtx,
+        ad: &dyn LowRankSource,
+        mut rng: Option<&mut Rng>,
+        for_backward: bool,
+    ) -> LayerActs {
         let c = &self.config;
         let layer = &self.layers[l];
         let n = ctx.tokens();
@@ -504,9 +515,24 @@ impl DecoderModel {
             from_heads(&attn, &mut attn_tokens, ql, None);
             (attn_tokens, Some(AttnActs { q, k, v, attn, lse }))
         };
-        let p = self.layer_pass(l, h, n, &mut proj, &mut attend);
+        let bf16 = for_backward && self.attention_on_tiles();
+        let p = self.layer_pass(l, h, n, &mut proj, &mut attend, bf16);
         let AttnActs { q, k, v, attn, lse } = p.attn.expect("batch attention keeps its activations");
-        LayerActs { x_in: p.x_in, rstd1: p.rstd1, q, k, v, attn, lse, h2: p.h2, rstd2: p.rstd2, gate: p.gate, up: p.up, lowrank }
+        let keep = |values: Buf| Saved::keep(values, bf16);
+        LayerActs {
+            x_in: p.x_in,
+            rstd1: p.rstd1,
+            q: keep(q),
+            k: keep(k),
+            v: keep(v),
+            attn: keep(attn),
+            lse,
+            h2: p.h2,
+            rstd2: p.rstd2,
+            gate: keep(p.gate),
+            up: keep(p.up),
+            lowrank,
+        }
     }
 
     /// One layer of an inference step over several sequences: the linear modules run once over
@@ -577,7 +603,7 @@ impl DecoderModel {
             }
             (Buf::from(out), None)
         };
-        self.layer_pass(l, h, n, &mut proj, &mut attend);
+        self.layer_pass(l, h, n, &mut proj, &mut attend, false);
     }
 
     /// One layer backward. On entry `dh` is dL/d(layer output); on return dL/d(layer input)
@@ -604,7 +630,7 @@ impl DecoderModel {
         // intermediate] buffers are the largest of the step: two live at once (the SwiGLU output
         // becomes dL/dup, dL/dact becomes dL/dgate).
         let mut act = buffers::take(n * inter);
-        activations::swiglu_forward(&a.gate, &a.up, &mut act);
+        with_saved!(&a.gate, |gate| with_saved!(&a.up, |up| activations::swiglu_forward(gate, up, &mut act)));
         let mut dact = buffers::take(n * inter);
         linear_backward(
             lin(ModuleKind::Down),
@@ -618,9 +644,9 @@ impl DecoderModel {
             false,
         );
         let (mut dgate, mut dup) = (dact, act);
-        activations::swiglu_backward(&a.gate, &a.up, &mut dgate, &mut dup);
+        with_saved!(&a.gate, |gate| with_saved!(&a.up, |up| activations::swiglu_backward(gate, up, &mut dgate, &mut dup)));
         let mut xn2 = buffers::take(n * d);
-        rmsnorm_apply(&a.h2, &layer.mlp_norm, &a.rstd2, &mut xn2);
+        with_saved!(&a.h2, |h2| rmsnorm_apply(h2, &layer.mlp_norm, &a.rstd2, &mut xn2));
         let mut dxn2 = buffers::take(n * d);
         linear_backward(
             lin(ModuleKind::Gate),
@@ -644,12 +670,13 @@ impl DecoderModel {
             Some(&mut dxn2),
             true,
         );
-        rmsnorm_backward(&dxn2, &a.h2, &layer.mlp_norm, &a.rstd2, dh);
+        with_saved!(&a.h2, |h2| rmsnorm_backward(&dxn2, h2, &layer.mlp_norm, &a.rstd2, dh));
 
         // Attention: h2 = x + o_proj(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))), xn1 = rmsnorm(x)
         let (ql, kl) = (ctx.layout(c.num_heads), ctx.layout(c.num_kv_heads));
         let mut attn_tokens = buffers::take(n * qd);
-        from_heads(&a.attn, &mut attn_tokens, ql, None);
+        let attn = a.attn.values();
+        from_heads(&attn, &mut attn_tokens, ql, None);
         let mut dattn_tok = buffers::take(n * qd);
         linear_backward(
             lin(ModuleKind::O),
@@ -669,22 +696,23 @@ impl DecoderModel {
         to_heads(&dattn_tok, &mut dattn, ql, None);
         drop(dattn_tok);
         let (mut dq, mut dk, mut dv) = (buffers::take(n * qd), buffers::take(n * kvd), buffers::take(n * kvd));
-        attention_backward(&a.q, &a.k, &a.v, ctx.key_mask, ctx.shape, &a.attn, &a.lse, &dattn, &mut dq, &mut dk, &mut dv);
-        drop(dattn);
+        let (q, k, v) = (a.q.values(), a.k.values(), a.v.values());
+        attention_backward(&q, &k, &v, ctx.key_mask, ctx.shape, &attn, &a.lse, &dattn, &mut dq, &mut dk, &mut dv);
+        drop((dattn, attn, q, k, v));
         let (mut dq_tok, mut dk_tok, mut dv_tok) = (buffers::take(n * qd), buffers::take(n * kvd), buffers::take(n * kvd));
         from_heads(&dq, &mut dq_tok, ql, Some(&ctx.angles));
         from_heads(&dk, &mut dk_tok, kl, Some(&ctx.angles));
         from_heads(&dv, &mut dv_tok, kl, None);
         drop((dq, dk, dv));
         let mut xn1 = buffers::take(n * d);
-        rmsnorm_apply(&a.x_in, &layer.attn_norm, &a.rstd1, &mut xn1);
+        with_saved!(&a.x_in, |x_in| rmsnorm_apply(x_in, &layer.attn_norm, &a.rstd1, &mut xn1));
         let mut dxn1 = buffers::take(if need_input_grad { n * d } else { 0 });
         for (i, (kind, dy)) in [(ModuleKind::Q, &dq_tok), (ModuleKind::K, &dk_tok), (ModuleKind::V, &dv_tok)].into_iter().enumerate() {
             let dx = if need_input_grad { Some(&mut dxn1[..]) } else { None };
             linear_backward(lin(kind), ad.lookup(l, kind), lra(kind), &xn1, dy, n, grads, dx, i > 0);
         }
         if need_input_grad {
-            rmsnorm_backward(&dxn1, &a.x_in, &layer.attn_norm, &a.rstd1, dh);
+            with_saved!(&a.x_in, |x_in| rmsnorm_backward(&dxn1, x_in, &layer.attn_norm, &a.rstd1, dh));
         }
     }
 
@@ -702,7 +730,7 @@ impl DecoderModel {
         let mut kept = Vec::new();
         for l in 0..self.config.num_layers {
             let input = (l >= keep_from && self.gradient_checkpointing).then(|| Kept::Input(h.clone(), rng.as_deref().map(Rng::state)));
-            let acts = self.layer_forward(l, &mut h, &ctx, ad, rng.as_deref_mut());
+            let acts = self.layer_forward(l, &mut h, &ctx, ad, rng.as_deref_mut(), input.is_none() && l >= keep_from);
             if l >= keep_from {
                 kept.push(input.unwrap_or_else(|| Kept::All(Box::new(acts))));
             }
@@ -852,7 +880,7 @@ impl DecoderModel {
                 Kept::Input(mut h, state) => {
                     // Replays the layer exactly, dropout masks included.
                     let mut r = state.map(Rng::from_state);
-                    self.layer_forward(l, &mut h, &ctx, ad, r.as_mut())
+                    self.layer_forward(l, &mut h, &ctx, ad, r.as_mut(), true)
                 }
             };
             self.layer_backward(l, &a, &mut dh, &ctx, ad, grads, l > lowest);
