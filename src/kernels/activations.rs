@@ -1,6 +1,6 @@
 //! SwiGLU: a = silu(g) ⊙ u, the gated MLP activation of the Llama family.
 
-use super::bf16::AsF32;
+use super::bf16::{to_bf16, AsF32};
 use rayon::prelude::*;
 
 const CHUNK: usize = 4096;
@@ -19,6 +19,22 @@ pub fn swiglu_forward<G: AsF32, U: AsF32>(gate: &[G], up: &[U], out: &mut [f32])
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
             let (g, u) = (g.as_f32(), u.as_f32());
             *o = g * sigmoid(g) * u;
+        }
+    });
+}
+
+/// `swiglu_forward` on f32 gate and up that also writes their bf16 roundings to `gate_bf16` and
+/// `up_bf16` (kept for the backward pass): one pass over the two largest buffers of a layer
+/// instead of two. `out` is computed from the f32 values, as `swiglu_forward` computes it.
+pub fn swiglu_forward_keeping_bf16(gate: &[f32], up: &[f32], out: &mut [f32], gate_bf16: &mut [u16], up_bf16: &mut [u16]) {
+    let _timer = crate::profile::time(crate::profile::Phase::Elementwise);
+    assert!(gate.len() == up.len() && gate.len() == out.len() && gate_bf16.len() == gate.len() && up_bf16.len() == up.len());
+    let kept = gate_bf16.par_chunks_mut(CHUNK).zip(up_bf16.par_chunks_mut(CHUNK));
+    out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).zip(up.par_chunks(CHUNK)).zip(kept).for_each(|(((o, g), u), (gk, uk))| {
+        for i in 0..o.len() {
+            let (g, u) = (g[i], u[i]);
+            o[i] = g * sigmoid(g) * u;
+            (gk[i], uk[i]) = (to_bf16(g), to_bf16(u));
         }
     });
 }
@@ -80,5 +96,11 @@ mod tests {
         swiglu_backward(&g16, &u16, &mut d16, &mut du16);
         swiglu_backward(&gr, &ur, &mut d32, &mut du32);
         assert_eq!((d16, du16), (d32, du32));
+        // Keeping bf16 copies on the way: the output of the f32 values, and their roundings.
+        let (mut o, mut gk, mut uk) = (vec![0.0; n], vec![0; n], vec![0; n]);
+        swiglu_forward_keeping_bf16(&g, &u, &mut o, &mut gk, &mut uk);
+        let mut plain = vec![0.0; n];
+        swiglu_forward(&g, &u, &mut plain);
+        assert_eq!((o, gk, uk), (plain, g16, u16));
     }
 }

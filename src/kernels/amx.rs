@@ -13,7 +13,7 @@
 //! (arch_prctl ARCH_REQ_XCOMP_PERM), without which the first tile instruction would fault.
 
 use super::aligned::AlignedVec;
-use super::bf16::to_bf16;
+use super::bf16::{to_bf16, AsF32};
 use super::blocks::{quantize_block_avx512, BLOCK};
 use rayon::prelude::*;
 use std::arch::asm;
@@ -510,12 +510,20 @@ fn multiply(c: &mut [f32], ldc: usize, a16: &[u16], m: usize, kp: usize, b16: &[
 /// `rows × cols` f32 values (row `i` from `a[i·lda]`) as bf16 rows of `cols_p` values into `out`,
 /// `rows_p` rows; the padding is zero.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn bf16_rows_into(a: &[f32], lda: usize, rows: usize, cols: usize, rows_p: usize, cols_p: usize, out: &mut AlignedVec<u16>) {
+pub(crate) fn bf16_rows_into<T: AsF32>(
+    a: &[T],
+    lda: usize,
+    rows: usize,
+    cols: usize,
+    rows_p: usize,
+    cols_p: usize,
+    out: &mut AlignedVec<u16>,
+) {
     assert!(rows <= rows_p && cols <= cols_p && cols <= lda && (rows == 0 || (rows - 1) * lda + cols <= a.len()));
     out.resize(rows_p * cols_p);
     for (i, dst) in out.chunks_exact_mut(cols_p).enumerate() {
         if i < rows {
-            dst[..cols].iter_mut().zip(&a[i * lda..i * lda + cols]).for_each(|(d, &x)| *d = to_bf16(x));
+            dst[..cols].iter_mut().zip(&a[i * lda..i * lda + cols]).for_each(|(d, &x)| *d = x.as_bf16());
             dst[cols..].fill(0);
         } else {
             dst.fill(0);

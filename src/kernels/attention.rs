@@ -3,7 +3,8 @@
 //! Forward keeps only the log-sum-exp of each query row; backward recomputes the probabilities
 //! from it (as flash attention does), so no `[seq × seq]` matrix outlives one query row.
 
-use super::dot::dot;
+use super::bf16::AsF32;
+use super::dot::{dot, Operand};
 use rayon::prelude::*;
 
 /// Shapes and masking rules of one attention call. Query `i` sits at absolute position
@@ -53,15 +54,17 @@ fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 }
 
 /// `out = softmax(q·kᵀ·scale + mask)·v` per head; `lse` receives each row's log-sum-exp
-/// (−∞ for a row that sees no key, whose output is zero).
-pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
+/// (−∞ for a row that sees no key, whose output is zero). Keys and values in f32, or in bf16 (a
+/// KV cache kept in bf16).
+pub fn attention_forward<T: Operand>(q: &[f32], k: &[T], v: &[T], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
     let _timer = crate::profile::time(crate::profile::Phase::Attention);
     if s.q_len >= GEMM_MIN_QUERIES {
         #[cfg(target_arch = "x86_64")]
         if s.tiles && super::attention_tiles::usable(&s) {
             return super::attention_tiles::forward(q, k, v, key_mask, s, out, lse);
         }
-        forward_gemm(q, k, v, key_mask, s, out, lse)
+        // (bf16 keys and values take this path only where tiles cannot run: expanded, whole.)
+        forward_gemm(q, &T::f32s(k), &T::f32s(v), key_mask, s, out, lse)
     } else {
         forward_rows(q, k, v, key_mask, s, out, lse)
     }
@@ -75,7 +78,7 @@ const GEMM_MIN_QUERIES: usize = 16;
 /// per-head GEMMs). The scores go through the vectorized exp, and the weighted sum of the values
 /// runs 64 lanes of the output at a time over all keys (`weighted_rows`), so those lanes stay in
 /// registers instead of being loaded and stored once per key.
-fn forward_rows(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
+fn forward_rows<T: Operand>(q: &[f32], k: &[T], v: &[T], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
     let (hd, tq, tk, ts) = (s.head_dim, s.q_len, s.kv_len, s.kv_stride);
     let g = s.group();
     assert!(tk <= ts);
@@ -121,8 +124,8 @@ fn forward_rows(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape
 
 /// `out = Σ_j p[j] · rows[j]` for `rows` of `out.len()` values each, 64 output lanes at a time
 /// (a 64-value head row in one pass: eight independent vectors of sums), then 16 at a time.
-fn weighted_rows(out: &mut [f32], p: &[f32], rows: &[f32]) {
-    fn lanes<const W: usize>(out: &mut [f32], p: &[f32], rows: &[f32], first: usize) -> usize {
+fn weighted_rows<T: AsF32>(out: &mut [f32], p: &[f32], rows: &[T]) {
+    fn lanes<const W: usize, T: AsF32>(out: &mut [f32], p: &[f32], rows: &[T], first: usize) -> usize {
         let hd = out.len();
         let mut c = first;
         while c + W <= hd {
@@ -130,7 +133,7 @@ fn weighted_rows(out: &mut [f32], p: &[f32], rows: &[f32]) {
             for (&pj, row) in p.iter().zip(rows.chunks_exact(hd)) {
                 let r = &row[c..c + W];
                 for t in 0..W {
-                    acc[t] += pj * r[t];
+                    acc[t] += pj * r[t].as_f32();
                 }
             }
             out[c..c + W].copy_from_slice(&acc);
@@ -139,12 +142,12 @@ fn weighted_rows(out: &mut [f32], p: &[f32], rows: &[f32]) {
         c
     }
     let hd = out.len();
-    let wide = lanes::<64>(out, p, rows, 0);
-    let done = lanes::<16>(out, p, rows, wide);
+    let wide = lanes::<64, T>(out, p, rows, 0);
+    let done = lanes::<16, T>(out, p, rows, wide);
     let tail = &mut out[done..];
     tail.fill(0.0);
     for (&pj, row) in p.iter().zip(rows.chunks_exact(hd)) {
-        axpy(tail, pj, &row[done..]);
+        tail.iter_mut().zip(&row[done..]).for_each(|(o, &x)| *o += pj * x.as_f32());
     }
 }
 

@@ -13,7 +13,7 @@
 use super::aligned::AlignedVec;
 use super::amx;
 use super::attention::{query_tiles, softmax_rows, AttnShape};
-use super::bf16;
+use super::bf16::{self, AsF32};
 use super::dot::dot;
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -64,7 +64,7 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 }
 
 /// The forward of `attention::attention_forward` on tiles (see the module comment).
-pub(super) fn forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
+pub(super) fn forward<T: AsF32>(q: &[f32], k: &[T], v: &[T], key_mask: &[bool], s: AttnShape, out: &mut [f32], lse: &mut [f32]) {
     let (hd, tq, tk, ts) = (s.head_dim, s.q_len, s.kv_len, s.kv_stride);
     let g = s.group();
     assert!(usable(&s) && tk <= ts && q.len() == s.batch * s.heads * tq * hd && k.len() == s.batch * s.kv_heads * ts * hd);

@@ -22,8 +22,12 @@ pub fn to_f32(b: u16) -> f32 {
 /// A value an elementwise kernel reads as f32: an f32, or a bf16 bit pattern (an activation kept
 /// in bf16, see `model::buffers::Saved`), so the kernel reads the kept values without first
 /// expanding them into a buffer.
-pub trait AsF32: Copy + Send + Sync {
+pub trait AsF32: Copy + Send + Sync + 'static {
     fn as_f32(self) -> f32;
+    /// The value as a bf16 bit pattern (an f32 rounded to it).
+    fn as_bf16(self) -> u16;
+    /// A slice of values as f32: borrowed, or expanded.
+    fn f32s(values: &[Self]) -> std::borrow::Cow<'_, [f32]>;
 }
 
 impl AsF32 for f32 {
@@ -31,12 +35,28 @@ impl AsF32 for f32 {
     fn as_f32(self) -> f32 {
         self
     }
+    #[inline(always)]
+    fn as_bf16(self) -> u16 {
+        to_bf16(self)
+    }
+    fn f32s(values: &[f32]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Borrowed(values)
+    }
 }
 
 impl AsF32 for u16 {
     #[inline(always)]
     fn as_f32(self) -> f32 {
         to_f32(self)
+    }
+    #[inline(always)]
+    fn as_bf16(self) -> u16 {
+        self
+    }
+    fn f32s(values: &[u16]) -> std::borrow::Cow<'_, [f32]> {
+        let mut out = vec![0.0; values.len()];
+        expand_into(values, &mut out);
+        std::borrow::Cow::Owned(out)
     }
 }
 

@@ -35,6 +35,11 @@ pub fn take(len: usize) -> Buf {
     POOL.take(len)
 }
 
+/// A buffer of `len` bf16 values whose contents are unspecified (see `take`).
+pub fn take_bf16(len: usize) -> Buf<u16> {
+    POOL_BF16.take(len)
+}
+
 /// A buffer holding a copy of `values`.
 pub fn copy_of(values: &[f32]) -> Buf {
     let mut b = take(values.len());
@@ -65,7 +70,7 @@ impl Saved {
         if !bf16 {
             return Saved::F32(copy_of(values));
         }
-        let mut bits = POOL_BF16.take(values.len());
+        let mut bits = take_bf16(values.len());
         bf16::round_into(values, &mut bits);
         Saved::Bf16(bits)
     }

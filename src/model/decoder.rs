@@ -12,11 +12,11 @@ use super::buffers::{self, with_saved, Buf, Saved};
 use super::config::DecoderConfig;
 use super::frozen::{FrozenMatrix, WeightFormat};
 use super::weights::{TensorStore, WeightSource};
-use crate::kernels::activations;
 use crate::kernels::attention::{attention_backward, attention_forward, AttnShape};
 use crate::kernels::loss::{lm_head_cross_entropy, LossSum};
 use crate::kernels::norm::{rmsnorm_apply, rmsnorm_backward, rmsnorm_forward};
 use crate::kernels::rope::{from_heads, inverse_frequencies, to_heads, HeadLayout, RopeAngles};
+use crate::kernels::{activations, bf16};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -103,9 +103,10 @@ impl StepCtx<'_> {
 /// The keys and values one sequence has seen, per layer `[kv_heads, capacity, head_dim]`, for
 /// incremental decoding. Each sequence owns its cache: sequences of a batch may stand at
 /// different positions, join a running batch or leave it (dropping the cache frees its memory).
+/// A model that runs in bf16 keeps its cache in bf16 (as PyTorch's bf16 models and llama.cpp's
+/// f16 cache do): decoding many sequences reads every cache each step, and that traffic halves.
 pub struct SeqCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    kv: Kv,
     /// The attention key mask: a sequence's own positions are never padding (which of them a
     /// query sees is the causal rule's and the window's), so it is all true.
     visible: Vec<bool>,
@@ -129,19 +130,40 @@ impl SeqCache {
 
     /// Bytes the cache holds.
     pub fn bytes(&self) -> usize {
-        4 * self.k.iter().chain(&self.v).map(Vec::len).sum::<usize>()
+        match &self.kv {
+            Kv::F32 { k, v } => 4 * k.iter().chain(v).map(Vec::len).sum::<usize>(),
+            Kv::Bf16 { k, v } => 2 * k.iter().chain(v).map(Vec::len).sum::<usize>(),
+        }
     }
 
     /// Stores `new` positions of layer `layer` (head-major `[kv_heads, new, head_dim]`) after the
     /// cached ones.
     fn store(&mut self, layer: usize, k_new: &[f32], v_new: &[f32], kv_heads: usize, hd: usize, new: usize) {
-        for (cache, src) in [(&mut self.k[layer], k_new), (&mut self.v[layer], v_new)] {
-            for h in 0..kv_heads {
-                let dst = (h * self.capacity + self.len) * hd;
-                cache[dst..dst + new * hd].copy_from_slice(&src[h * new * hd..(h + 1) * new * hd]);
+        let (capacity, len) = (self.capacity, self.len);
+        let span = |h: usize| (h * capacity + len) * hd..(h * capacity + len + new) * hd;
+        match &mut self.kv {
+            Kv::F32 { k, v } => {
+                for (cache, src) in [(&mut k[layer], k_new), (&mut v[layer], v_new)] {
+                    for h in 0..kv_heads {
+                        cache[span(h)].copy_from_slice(&src[h * new * hd..(h + 1) * new * hd]);
+                    }
+                }
+            }
+            Kv::Bf16 { k, v } => {
+                for (cache, src) in [(&mut k[layer], k_new), (&mut v[layer], v_new)] {
+                    for h in 0..kv_heads {
+                        bf16::round_into(&src[h * new * hd..(h + 1) * new * hd], &mut cache[span(h)]);
+                    }
+                }
             }
         }
     }
+}
+
+/// A cache's keys and values per layer, in f32 or bf16 (see `SeqCache`).
+enum Kv {
+    F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    Bf16 { k: Vec<Vec<u16>>, v: Vec<Vec<u16>> },
 }
 
 /// One sequence's part of an inference step: its cache, the tokens it adds (a prompt, a chunk
@@ -183,8 +205,8 @@ struct PassActs {
     attn: Option<AttnActs>,
     h2: Saved,
     rstd2: Vec<f32>,
-    gate: Buf,
-    up: Buf,
+    gate: Saved,
+    up: Saved,
 }
 
 /// Everything one layer's backward reads. Head-major tensors are `[batch, heads, seq, head_dim]`.
@@ -446,8 +468,8 @@ impl DecoderModel {
     /// One layer over `n` token rows, `h` (`[n, hidden]`) updated in place. `proj` runs a linear
     /// module (with whatever adapters apply) and `attend` turns token-major q, k, v into the
     /// token-major attention output: the two ways of running a layer (a training batch, and
-    /// sequences with KV caches) differ only there. `keep_bf16` keeps the layer's input and
-    /// residual in bf16.
+    /// sequences with KV caches) differ only there. `keep_bf16` keeps the layer's input, residual
+    /// and MLP gate and up in bf16.
     fn layer_pass(&self, l: usize, h: &mut [f32], n: usize, proj: &mut Project, attend: &mut Attend, keep_bf16: bool) -> PassActs {
         let c = &self.config;
         let layer = &self.layers[l];
@@ -473,7 +495,14 @@ impl DecoderModel {
         let gate = proj(ModuleKind::Gate, &xn2, c.intermediate_size);
         let up = proj(ModuleKind::Up, &xn2, c.intermediate_size);
         let mut act = buffers::take(gate.len());
-        activations::swiglu_forward(&gate, &up, &mut act);
+        let (gate, up) = if keep_bf16 {
+            let (mut gate_bf16, mut up_bf16) = (buffers::take_bf16(gate.len()), buffers::take_bf16(up.len()));
+            activations::swiglu_forward_keeping_bf16(&gate, &up, &mut act, &mut gate_bf16, &mut up_bf16);
+            (Saved::Bf16(gate_bf16), Saved::Bf16(up_bf16))
+        } else {
+            activations::swiglu_forward(&gate, &up, &mut act);
+            (Saved::F32(gate), Saved::F32(up))
+        };
         let m = proj(ModuleKind::Down, &act, d);
         for (hv, mv) in h.iter_mut().zip(&m) {
             *hv += mv;
@@ -529,8 +558,8 @@ impl DecoderModel {
             lse,
             h2: p.h2,
             rstd2: p.rstd2,
-            gate: keep(p.gate),
-            up: keep(p.up),
+            gate: p.gate,
+            up: p.up,
             lowrank,
         }
     }
@@ -588,7 +617,10 @@ impl DecoderModel {
                     };
                     let mut attn = vec![0.0; q.len()];
                     let mut lse = vec![0.0; s.new * heads];
-                    attention_forward(&q, &s.cache.k[l], &s.cache.v[l], &s.cache.visible, shape, &mut attn, &mut lse);
+                    match &s.cache.kv {
+                        Kv::F32 { k, v } => attention_forward(&q, &k[l], &v[l], &s.cache.visible, shape, &mut attn, &mut lse),
+                        Kv::Bf16 { k, v } => attention_forward(&q, &k[l], &v[l], &s.cache.visible, shape, &mut attn, &mut lse),
+                    }
                     let mut tokens = vec![0.0; s.new * qd];
                     from_heads(&attn, &mut tokens, ql, None);
                     tokens
@@ -763,7 +795,8 @@ impl DecoderModel {
     /// Bytes of a KV cache of `capacity` positions.
     pub fn kv_bytes(&self, capacity: usize) -> u128 {
         let c = &self.config;
-        8 * (c.num_layers as u128) * (c.num_kv_heads as u128) * (capacity as u128) * (c.head_dim as u128)
+        let value_bytes = if self.attention_on_tiles() { 2 } else { 4 };
+        2 * value_bytes * (c.num_layers as u128) * (c.num_kv_heads as u128) * (capacity as u128) * (c.head_dim as u128)
     }
 
     /// An empty KV cache for one sequence of up to `capacity` positions; refused when the
@@ -772,13 +805,14 @@ impl DecoderModel {
         let c = &self.config;
         crate::limits::ensure_memory(self.kv_bytes(capacity), &format!("a KV cache of {capacity} positions"))?;
         let per_layer = c.num_kv_heads * capacity * c.head_dim;
-        Ok(SeqCache {
-            k: (0..c.num_layers).map(|_| vec![0.0; per_layer]).collect(),
-            v: (0..c.num_layers).map(|_| vec![0.0; per_layer]).collect(),
-            visible: vec![true; capacity],
-            len: 0,
-            capacity,
-        })
+        let kv = if self.attention_on_tiles() {
+            let layers = || (0..c.num_layers).map(|_| vec![0; per_layer]).collect();
+            Kv::Bf16 { k: layers(), v: layers() }
+        } else {
+            let layers = || (0..c.num_layers).map(|_| vec![0.0; per_layer]).collect();
+            Kv::F32 { k: layers(), v: layers() }
+        };
+        Ok(SeqCache { kv, visible: vec![true; capacity], len: 0, capacity })
     }
 
     /// One inference step over several sequences, each at its own position with its own
@@ -1087,11 +1121,13 @@ mod tests {
     }
 
     /// With compact weights, decoding (fused-dequant GEMV) and the full forward (GEMM on the
-    /// expanded matrix) compute the same model, and that model stays close to the f32 one.
+    /// expanded matrix) compute the same model, and that model stays close to the f32 one. On
+    /// AMX these models run in bf16 and keep their KV cache in bf16, at half the bytes; the
+    /// 17-token prefill runs the per-head GEMM path on the expanded cache, decoding reads it by rows.
     #[test]
     fn compact_weights_decode_like_their_full_forward() {
         let f32_model = DecoderModel::random(tiny("llama", None), 6);
-        let seq: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35];
+        let seq: Vec<u32> = (0..20).map(|i| (i * 17 + 3) % 50).collect();
         let v = f32_model.config.vocab_size;
         let reference = f32_model.forward(&Batch::right_padded(std::slice::from_ref(&seq), 0).unwrap(), &NoAdapter).unwrap();
         for (format, drift) in [(WeightFormat::Bf16, 0.05), (WeightFormat::Q8_0, 0.1), (WeightFormat::Q4_1, 1.0)] {
@@ -1101,13 +1137,20 @@ mod tests {
             assert!(model.weight_bytes() < f32_model.weight_bytes());
             let full = model.forward(&Batch::right_padded(std::slice::from_ref(&seq), 0).unwrap(), &NoAdapter).unwrap();
             let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-            let mut cache = model.new_seq_cache(8).unwrap();
-            model.step(&mut [SeqStep { cache: &mut cache, tokens: &seq[..4], adapter: None }]).unwrap();
-            for t in 4..seq.len() {
+            let mut cache = model.new_seq_cache(seq.len()).unwrap();
+            let amx = crate::kernels::amx::available();
+            let f32_cache = f32_model.new_seq_cache(seq.len()).unwrap();
+            assert_eq!(cache.bytes() * if amx { 2 } else { 1 }, f32_cache.bytes());
+            assert_eq!(cache.bytes() as u128, model.kv_bytes(seq.len()));
+            let logits = model.step(&mut [SeqStep { cache: &mut cache, tokens: &seq[..17], adapter: None }]).unwrap();
+            // bf16 products on AMX round the activations too (the GEMV keeps them in f32), and
+            // the cache rounds the keys and values.
+            let tolerance = if amx { 1e-2 } else { 1e-4 };
+            let err = max_diff(&logits, &full[16 * v..17 * v]);
+            assert!(err < tolerance, "{format:?} prefill: vs full forward {err}");
+            for t in 17..seq.len() {
                 let logits = model.step(&mut [SeqStep { cache: &mut cache, tokens: &seq[t..t + 1], adapter: None }]).unwrap();
                 let err = max_diff(&logits, &full[t * v..(t + 1) * v]);
-                // bf16 products on AMX round the activations too; the GEMV keeps them in f32.
-                let tolerance = if format == WeightFormat::Bf16 && crate::kernels::amx::available() { 1e-2 } else { 1e-4 };
                 assert!(err < tolerance, "{format:?} position {t}: decode vs full forward {err}");
             }
             let err = max_diff(&full, &reference);
