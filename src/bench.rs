@@ -310,12 +310,14 @@ pub fn gemm(n: usize, repeats: usize) -> Result<Value> {
     let square = run(n, n, n);
     let step_shape = run(512, 576, 1536);
     // The bf16 products of a training step on AMX, as (m, k, n): SmolLM2's gate/up and down
-    // projections over 512 tokens, and a 4096-row block of its LM head for 256 tokens; each
-    // forward (`a · Wᵀ`) and input gradient (`a · W`).
+    // projections over 512 tokens, a 4096-row block of its LM head for 256 tokens, and a 1.1B
+    // Llama's (TinyLlama's shape) q/o, gate/up and down projections over 2048 tokens; each forward
+    // (`a · Wᵀ`) and input gradient (`a · W`).
     let bf16 = crate::kernels::amx::available().then(|| {
         use crate::kernels::amx::{matmul_bf16, Weight};
         let mut shapes = serde_json::Map::new();
-        for (m, k, nn) in [(512, 576, 1536), (512, 1536, 576), (256, 576, 4096)] {
+        for (m, k, nn) in [(512, 576, 1536), (512, 1536, 576), (256, 576, 4096), (2048, 2048, 2048), (2048, 2048, 5632), (2048, 5632, 2048)]
+        {
             let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             let g: Vec<f32> = (0..m * nn).map(|_| rng.normal()).collect();
             let w: Vec<u16> = (0..nn * k).map(|_| half::bf16::from_f32(rng.normal()).to_bits()).collect();
