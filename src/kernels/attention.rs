@@ -444,6 +444,29 @@ mod tests {
         out
     }
 
+    /// bf16 keys and values (a bf16 KV cache) give what their f32 values give, row by row (few
+    /// queries) and through the per-head GEMMs (which expand them), in both query counts.
+    #[test]
+    fn bf16_keys_and_values_read_as_their_values() {
+        use crate::kernels::bf16::{to_bf16, to_f32};
+        for q_len in [3, GEMM_MIN_QUERIES + 2] {
+            let s = AttnShape { q_len, kv_len: q_len, kv_stride: q_len, ..shape(None) };
+            let mut rng = Rng::new(12);
+            let nq = s.batch * s.heads * q_len * s.head_dim;
+            let nk = s.batch * s.kv_heads * q_len * s.head_dim;
+            let (q, k, v) = (randn(&mut rng, nq, 1.0), randn(&mut rng, nk, 1.0), randn(&mut rng, nk, 1.0));
+            let (k16, v16): (Vec<u16>, Vec<u16>) = (k.iter().map(|&x| to_bf16(x)).collect(), v.iter().map(|&x| to_bf16(x)).collect());
+            let (kr, vr): (Vec<f32>, Vec<f32>) = (k16.iter().map(|&b| to_f32(b)).collect(), v16.iter().map(|&b| to_f32(b)).collect());
+            let m = vec![true; s.batch * q_len];
+            let lse_len = s.batch * s.heads * q_len;
+            let (mut o16, mut l16, mut o32, mut l32) = (vec![0.0; nq], vec![0.0; lse_len], vec![0.0; nq], vec![0.0; lse_len]);
+            attention_forward(&q, &k16, &v16, &m, s, &mut o16, &mut l16);
+            attention_forward(&q, &kr, &vr, &m, s, &mut o32, &mut l32);
+            let err = o16.iter().zip(&o32).chain(l16.iter().zip(&l32)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err < 1e-5, "q_len {q_len}: bf16 against its f32 values {err}");
+        }
+    }
+
     #[test]
     fn forward_matches_reference_and_gradients_check() {
         for window in [None, Some(3)] {

@@ -297,6 +297,13 @@ mod tests {
             attention_forward(&q, &k, &v, &m, s, &mut o, &mut l);
             o
         };
-        assert_close(&run(AttnShape { tiles: true, ..f32_shape }), &run(f32_shape), "output");
+        let on_tiles = run(AttnShape { tiles: true, ..f32_shape });
+        assert_close(&on_tiles, &run(f32_shape), "output");
+        // The same cache in bf16 (its values are bf16 already): the same products.
+        let (k16, v16): (Vec<u16>, Vec<u16>) =
+            (k.iter().map(|&x| bf16::to_bf16(x)).collect(), v.iter().map(|&x| bf16::to_bf16(x)).collect());
+        let (mut o, mut l) = (vec![0.0; q.len()], vec![0.0; 6 * 40]);
+        attention_forward(&q, &k16, &v16, &m, AttnShape { tiles: true, ..f32_shape }, &mut o, &mut l);
+        assert_eq!(o, on_tiles, "a bf16 cache");
     }
 }

@@ -53,6 +53,26 @@ mod tests {
     use crate::kernels::testutil::{check_directional, dot, randn};
     use crate::rng::Rng;
 
+    /// A bf16 input (a kept activation) gives what its f32 value gives.
+    #[test]
+    fn bf16_inputs_read_as_their_values() {
+        use crate::kernels::bf16::{to_bf16, to_f32};
+        let mut rng = Rng::new(13);
+        let (rows, dim) = (4, 40);
+        let (x, w, dy) = (randn(&mut rng, rows * dim, 1.0), randn(&mut rng, dim, 1.0), randn(&mut rng, rows * dim, 1.0));
+        let x16: Vec<u16> = x.iter().map(|&v| to_bf16(v)).collect();
+        let xr: Vec<f32> = x16.iter().map(|&b| to_f32(b)).collect();
+        let rstd: Vec<f32> = (0..rows).map(|i| 0.5 + i as f32).collect();
+        let (mut y16, mut y32) = (vec![0.0; rows * dim], vec![0.0; rows * dim]);
+        rmsnorm_apply(&x16, &w, &rstd, &mut y16);
+        rmsnorm_apply(&xr, &w, &rstd, &mut y32);
+        assert_eq!(y16, y32);
+        let (mut d16, mut d32) = (vec![1.0; rows * dim], vec![1.0; rows * dim]);
+        rmsnorm_backward(&dy, &x16, &w, &rstd, &mut d16);
+        rmsnorm_backward(&dy, &xr, &w, &rstd, &mut d32);
+        assert_eq!(d16, d32);
+    }
+
     #[test]
     fn forward_matches_definition_and_gradient_checks() {
         let mut rng = Rng::new(11);

@@ -7,6 +7,9 @@
 //! a process-wide pool when dropped and is handed out again, already in memory, for the next
 //! buffer it can hold. Its contents are whatever its last user left: `take` is only for buffers
 //! that the next kernel overwrites entirely (a product's, a norm's or a copy's output).
+//!
+//! What the forward pass keeps for the backward pass is a `Saved`: an f32 `Buf`, or, when the
+//! model computes in bf16, a bf16 one from a second pool.
 
 use crate::kernels::bf16;
 use std::sync::{Mutex, PoisonError};
