@@ -62,19 +62,18 @@ impl AsF32 for u16 {
 
 /// `dst[i] = to_bf16(src[i])`, on the rayon pool for long slices.
 pub fn round_into(src: &[f32], dst: &mut [u16]) {
-    assert_eq!(src.len(), dst.len());
-    let run = |(d, s): (&mut [u16], &[f32])| d.iter_mut().zip(s).for_each(|(d, &s)| *d = to_bf16(s));
-    if src.len() < PARALLEL_LEN {
-        run((dst, src));
-    } else {
-        dst.par_chunks_mut(PARALLEL_LEN / 4).zip(src.par_chunks(PARALLEL_LEN / 4)).for_each(run);
-    }
+    map_into(src, dst, to_bf16);
 }
 
 /// `dst[i] = to_f32(src[i])`, on the rayon pool for long slices.
 pub fn expand_into(src: &[u16], dst: &mut [f32]) {
+    map_into(src, dst, to_f32);
+}
+
+/// `dst[i] = f(src[i])`, on the rayon pool for slices of `PARALLEL_LEN` values and more.
+fn map_into<S: Copy + Sync, D: Send>(src: &[S], dst: &mut [D], f: impl Fn(S) -> D + Sync) {
     assert_eq!(src.len(), dst.len());
-    let run = |(d, s): (&mut [f32], &[u16])| d.iter_mut().zip(s).for_each(|(d, &s)| *d = to_f32(s));
+    let run = |(d, s): (&mut [D], &[S])| d.iter_mut().zip(s).for_each(|(d, &s)| *d = f(s));
     if src.len() < PARALLEL_LEN {
         run((dst, src));
     } else {
