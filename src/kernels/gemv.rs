@@ -301,20 +301,26 @@ pub fn gemv_parallel(w: Row, rows: usize, cols: usize, x: &[f32], m: usize, y: &
     // A small product (an adapter's B·u when decoding) runs as one task on this thread: handing
     // work to another thread costs microseconds, more than the product itself.
     let chunk = if rows * cols * m < SERIAL_MULTIPLY_ADDS { rows } else { rows_per_task(rows) };
-    // Computed as [rows × m] so each task writes one contiguous stretch.
-    let mut t = vec![0.0f32; rows * m];
+    // Computed as [rows × m] so each task writes one contiguous stretch, into a buffer kept per
+    // thread: every call overwrites all of it, so it is neither zeroed nor reallocated (a fresh
+    // vector of the LM head's 16 × 49152 products was a page-faulting 3 MiB per decode step).
+    let mut products = PRODUCTS.take();
+    if products.len() < rows * m {
+        products.resize(rows * m, 0.0);
+    }
+    let t = &mut products[..rows * m];
     #[cfg(target_arch = "x86_64")]
     let done = match w {
         // On AMX tiles from TILE_ROWS rows on, the activations rounded as `vnni` rounds them (so
         // results do not depend on the path): 8-bit blocks for Q8_0, bf16 for bf16.
         Row::Q8_0 { scale, q } if m >= TILE_ROWS && cols.is_multiple_of(64) && super::amx::int8_available() => {
-            tile_groups(&mut t, x, m, cols, chunk, super::amx::Q8Rows::new, |xq, first, n, o| {
+            tile_groups(t, x, m, cols, chunk, super::amx::Q8Rows::new, |xq, first, n, o| {
                 super::amx::q8_0_product(scale, q, cols, first, n, xq, o)
             });
             true
         }
         Row::Bf16(wb) if m >= TILE_ROWS && cols.is_multiple_of(32) && super::amx::available() => {
-            tile_groups(&mut t, x, m, cols, chunk, super::amx::Bf16Rows::new, |xb, first, n, o| {
+            tile_groups(t, x, m, cols, chunk, super::amx::Bf16Rows::new, |xb, first, n, o| {
                 super::amx::bf16_product(wb, cols, first, n, xb, o)
             });
             true
@@ -335,12 +341,23 @@ pub fn gemv_parallel(w: Row, rows: usize, cols: usize, x: &[f32], m: usize, y: &
     if !done {
         t.par_chunks_mut(chunk * m).enumerate().for_each(|(c, o)| gemv(w, cols, c * chunk, x, m, o));
     }
-    for i in 0..m {
-        for (j, o) in y[i * rows..(i + 1) * rows].iter_mut().enumerate() {
-            let v = alpha * t[j * m + i];
-            *o = if accumulate { *o + v } else { v };
+    // Transposed 16 weight rows at a time, so the `16·m` products read stay in L1 while they
+    // go out to `m` rows of `y` (reading `t` with a stride of `m` for each of `y`'s rows in turn
+    // read the LM head's products 16 times over from L3).
+    for (jb, block) in t.chunks(16 * m).enumerate() {
+        for i in 0..m {
+            let dst = &mut y[i * rows + 16 * jb..][..block.len() / m];
+            for (j, o) in dst.iter_mut().enumerate() {
+                let v = alpha * block[j * m + i];
+                *o = if accumulate { *o + v } else { v };
+            }
         }
     }
+    PRODUCTS.set(products);
+}
+
+thread_local! {
+    static PRODUCTS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The activations as `gemv_parallel` multiplies them with a weight in `w`'s format: rounded to
