@@ -66,6 +66,22 @@ pub struct Linear {
 impl Linear {
     pub(crate) fn forward(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         project(&self.w, x, rows, y);
+        self.add_bias(y);
+    }
+
+    /// `forward` for inference (decode steps and the prompt chunks that join them): as
+    /// `forward`, but on `gemv` at any number of rows where that is faster
+    /// (`FrozenMatrix::infers_on_gemv`).
+    pub(crate) fn infer(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        if self.w.infers_on_gemv() {
+            self.w.gemv(x, rows, y, 1.0, false);
+        } else {
+            project(&self.w, x, rows, y);
+        }
+        self.add_bias(y);
+    }
+
+    fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
             for row in y.chunks_mut(self.out_features) {
                 for (v, bb) in row.iter_mut().zip(b) {
@@ -253,7 +269,7 @@ pub struct Segment<'a> {
 /// reads its own adapter's matrices, so a batch of many adapters is bound by reading them, and
 /// both cores read.
 pub(crate) fn linear_forward_segments(lin: &Linear, segments: &[Segment], x: &[f32], rows: usize, y: &mut [f32]) {
-    lin.forward(x, rows, y);
+    lin.infer(x, rows, y);
     let _timer = crate::profile::time(crate::profile::Phase::LoraGemm);
     let (inf, outf) = (lin.in_features, lin.out_features);
     // Each adapted segment's rows of x and of y; segments are ascending runs, so y splits in order.

@@ -265,6 +265,20 @@ impl FrozenMatrix {
         self.with_dense(|w| w.backward(dx, dy, m, self.rows, self.cols, accumulate))
     }
 
+    /// Whether inference should take this matrix through `gemv` for any number of rows: a Q8_0
+    /// matrix on a CPU with AVX-512 VNNI but no AMX, where `matmul_t` expands it to f32 per call
+    /// and the 8-bit products (16 weight rows at a time, `vnni::q8_0_group`) are faster at every
+    /// size measured (SmolLM2's 1536 × 576, 2 threads: 48 rows 452 vs 1324 µs, 128 rows 1124 vs
+    /// 2047, 512 rows 4343 vs 4447). Training keeps `matmul_t`: its forward and backward then
+    /// multiply the same f32 activations.
+    pub fn infers_on_gemv(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.data, Data::Q8_0 { .. }) {
+            return !amx::int8_available() && crate::kernels::vnni::available();
+        }
+        false
+    }
+
     /// `y[m × rows] (+)= alpha · x[m × cols] · Wᵀ` straight from the stored format (decoding:
     /// `m` is the number of sequences, one new token each).
     pub fn gemv(&self, x: &[f32], m: usize, y: &mut [f32], alpha: f32, accumulate: bool) {
