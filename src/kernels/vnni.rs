@@ -562,28 +562,30 @@ const GROUP_MIN_ROWS: usize = 8;
 /// (`q8_0_group`), the weight rows left over (fewer than 16) as `rows` takes them.
 #[inline(always)]
 unsafe fn q8_0_rows(f: Q8_0Rows, x: &Activations, first: usize, n: usize, out: &mut [f32]) {
-    let grouped = n / 16 * 16;
     let mut i = 0;
     while i + GROUP_MIN_ROWS <= x.rows {
-        let take = if x.rows - i >= 16 { 16 } else { 8 };
-        for j in (first..first + grouped).step_by(16) {
-            if take == 16 {
-                q8_0_group::<16>(f, x, j, i, out, first);
-            } else {
-                q8_0_group::<8>(f, x, j, i, out, first);
-            }
-        }
-        if grouped < n {
-            let rest = &mut out[grouped * x.rows..];
-            if take == 16 {
-                tiles::<_, 1, 16>(f, x, first + grouped, n - grouped, i, rest);
-            } else {
-                tiles::<_, 2, 8>(f, x, first + grouped, n - grouped, i, rest);
-            }
-        }
-        i += take;
+        i += if x.rows - i >= 16 {
+            q8_0_pass::<16, 1>(f, x, first, n, i, out);
+            16
+        } else {
+            q8_0_pass::<8, 2>(f, x, first, n, i, out);
+            8
+        };
     }
     rows_from(f, x, first, n, i, out)
+}
+
+/// Activation rows `i..i + M` against weight rows `first..first + n`: whole groups of 16 weight
+/// rows in `q8_0_group`, the rest in `tile`s of `R` rows (as `rows` takes `M` activation rows).
+#[inline(always)]
+unsafe fn q8_0_pass<const M: usize, const R: usize>(f: Q8_0Rows, x: &Activations, first: usize, n: usize, i: usize, out: &mut [f32]) {
+    let grouped = n / 16 * 16;
+    for j in (first..first + grouped).step_by(16) {
+        q8_0_group::<M>(f, x, j, i, out, first);
+    }
+    if grouped < n {
+        tiles::<_, R, M>(f, x, first + grouped, n - grouped, i, &mut out[grouped * x.rows..]);
+    }
 }
 
 /// Q8_0 weight rows `j0..j0 + 16` against activation rows `i0..i0 + M`, with the 16 weight rows
