@@ -111,9 +111,9 @@ for r in rows:
     if r.get("bench") == "sgemm":
         if r.get("impl", "").startswith("lowrank"):
             print(f"\nsgemm lowrank: {r['median_gflops']:.1f} GFLOP/s (2048³), {r['gflops_512x576x1536']:.1f} (512×576×1536)")
-            if r.get("bf16_amx_gflops"):
-                for shape, g in r["bf16_amx_gflops"].items():
-                    print(f"bf16 on AMX lowrank {shape} (m×k×n): forward {g['forward']:.1f}, input gradient {g['input_gradient']:.1f} GFLOP/s")
+            if r.get("bf16_gflops"):
+                for shape, g in r["bf16_gflops"].items():
+                    print(f"bf16 on {r['bf16_kernel']} lowrank {shape} (m×k×n): forward {g['forward']:.1f}, input gradient {g['input_gradient']:.1f} GFLOP/s")
         else:
             print(f"sgemm torch: {r['torch_median_gflops']:.1f} GFLOP/s (2048³), {r['torch_512x576x1536_gflops']:.1f} (512×576×1536); numpy {r['numpy_median_gflops']:.1f}")
 PY

@@ -309,11 +309,11 @@ pub fn gemm(n: usize, repeats: usize) -> Result<Value> {
     };
     let square = run(n, n, n);
     let step_shape = run(512, 576, 1536);
-    // The bf16 products of a training step on AMX, as (m, k, n): SmolLM2's gate/up and down
+    // The bf16 products of a training step (on AMX tiles, or fp16 vectors without AMX), as (m, k, n): SmolLM2's gate/up and down
     // projections over 512 tokens, a 4096-row block of its LM head for 256 tokens, and a 1.1B
     // Llama's (TinyLlama's shape) q/o, gate/up and down projections over 2048 tokens; each forward
     // (`a · Wᵀ`) and input gradient (`a · W`).
-    let bf16 = crate::kernels::amx::available().then(|| {
+    let bf16 = crate::kernels::amx::products_available().then(|| {
         use crate::kernels::amx::{matmul_bf16, Weight};
         let mut shapes = serde_json::Map::new();
         for (m, k, nn) in [(512, 576, 1536), (512, 1536, 576), (256, 576, 4096), (2048, 2048, 2048), (2048, 2048, 5632), (2048, 5632, 2048)]
@@ -329,7 +329,8 @@ pub fn gemm(n: usize, repeats: usize) -> Result<Value> {
         shapes
     });
     Ok(json!({"bench": "sgemm", "impl": "lowrank (gemm crate)", "n": n, "threads": rayon::current_num_threads(),
-           "median_gflops": square, "gflops_512x576x1536": step_shape, "bf16_amx_gflops": bf16}))
+           "median_gflops": square, "gflops_512x576x1536": step_shape, "bf16_gflops": bf16,
+           "bf16_kernel": if crate::kernels::amx::available() { "amx" } else if crate::kernels::amx::products_available() { "fp16" } else { "none" }}))
 }
 
 /// GFLOP/s of `product` (`multiply_adds` of them), median over `repeats` timed runs after one

@@ -26,6 +26,7 @@ mod private {
     impl Sealed for u8 {}
     impl Sealed for i8 {}
     impl Sealed for u16 {}
+    impl Sealed for u32 {}
     impl Sealed for f32 {}
 }
 
@@ -36,6 +37,9 @@ impl Plain for i8 {
     const ZERO: Self = 0;
 }
 impl Plain for u16 {
+    const ZERO: Self = 0;
+}
+impl Plain for u32 {
     const ZERO: Self = 0;
 }
 impl Plain for f32 {

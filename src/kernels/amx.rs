@@ -53,6 +53,12 @@ pub fn available() -> bool {
     })
 }
 
+/// True when `matmul_bf16` runs here: on AMX tiles, or, on a CPU with AVX512-FP16 but no AMX, on
+/// fp16 vectors (`kernels::fp16`), which there are twice as fast as an f32 GEMM.
+pub fn products_available() -> bool {
+    available() || super::fp16::available()
+}
+
 /// The 64-byte operand of `ldtilecfg`: palette 1, its 8 tiles used as 16 rows of 64 bytes.
 #[repr(C, align(64))]
 struct TileConfig {
@@ -163,7 +169,7 @@ pub type RowFill<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
 /// `c[m×n] = alpha · a[m×k] · op(W)` (`+ c` with `accumulate`), with `a` rounded to bf16 and the
 /// products accumulated in f32; rows of `c` are `ldc` values apart and rows of `a` `lda` apart
 /// (`n` and `k` for whole matrices; more for a block of columns of a wider one). Call only when
-/// `available()`.
+/// `products_available()`: without AMX the product runs on fp16 vectors (`fp16::matmul`).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_bf16(
     c: &mut [f32],
@@ -177,7 +183,7 @@ pub fn matmul_bf16(
     alpha: f32,
     accumulate: bool,
 ) {
-    assert!(available(), "matmul_bf16 needs AMX-BF16");
+    assert!(products_available(), "matmul_bf16 needs AMX-BF16 or AVX512-FP16");
     assert!(ldc >= n && lda >= k, "matmul_bf16: strides {ldc}, {lda} below the widths {n}, {k}");
     if let Weight::Nk(wv) | Weight::Kn(wv) = w {
         assert_eq!(wv.len(), k * n, "matmul_bf16: weight has {} elements, expected {k}×{n}", wv.len());
@@ -193,6 +199,9 @@ pub fn matmul_bf16(
             c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
         }
         return;
+    }
+    if !available() {
+        return super::fp16::matmul(c, ldc, a, lda, m, k, w, n, alpha, accumulate);
     }
     let (mp, np, kp) = (m.next_multiple_of(MR), n.next_multiple_of(NR), k.next_multiple_of(KR));
     let mut a16 = A_SCRATCH.take();
@@ -302,7 +311,7 @@ fn pack_nk(w: Rows, n: usize, k: usize, np: usize, kp: usize, out: &mut AlignedV
 /// # Safety
 /// 16 rows of 64 bytes readable at `src` and writable at `dst`; AVX-512F.
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose_16x16_32bit(src: *const u8, src_stride: usize, dst: *mut u8, dst_stride: usize) {
+pub(super) unsafe fn transpose_16x16_32bit(src: *const u8, src_stride: usize, dst: *mut u8, dst_stride: usize) {
     use std::arch::x86_64::*;
     let r: [__m512i; 16] = std::array::from_fn(|i| _mm512_loadu_si512(src.add(i * src_stride) as *const _));
     // t: pairs of rows interleaved per 128-bit lane; u[4i + q], lane l: column 4l + q of rows 4i..4i+4.

@@ -15,6 +15,10 @@ pub mod amx {
         false
     }
 
+    pub fn products_available() -> bool {
+        false
+    }
+
     #[derive(Clone, Copy)]
     pub enum Weight<'a> {
         Nk(&'a [u16]),
@@ -27,7 +31,7 @@ pub mod amx {
 
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_bf16(_: &mut [f32], _: usize, _: &[f32], _: usize, _: usize, _: usize, _: Weight, _: usize, _: f32, _: bool) {
-        unreachable!("matmul_bf16 without AMX: callers check available()")
+        unreachable!("matmul_bf16 without AMX: callers check products_available()")
     }
 }
 pub mod attention;
@@ -38,6 +42,8 @@ pub mod blocks;
 pub mod dot;
 pub mod dropout;
 pub mod fastexp;
+#[cfg(target_arch = "x86_64")]
+pub mod fp16;
 pub mod gemv;
 pub mod loss;
 pub mod matmul;
