@@ -309,7 +309,7 @@ pub fn gemm(n: usize, repeats: usize) -> Result<Value> {
     };
     let square = run(n, n, n);
     let step_shape = run(512, 576, 1536);
-    // The bf16 products of a training step (on AMX tiles, or fp16 vectors without AMX), as (m, k, n): SmolLM2's gate/up and down
+    // The bf16 products of a training step (on `amx::product_unit`), as (m, k, n): SmolLM2's gate/up and down
     // projections over 512 tokens, a 4096-row block of its LM head for 256 tokens, and a 1.1B
     // Llama's (TinyLlama's shape) q/o, gate/up and down projections over 2048 tokens; each forward
     // (`a · Wᵀ`) and input gradient (`a · W`).
@@ -330,7 +330,7 @@ pub fn gemm(n: usize, repeats: usize) -> Result<Value> {
     });
     Ok(json!({"bench": "sgemm", "impl": "lowrank (gemm crate)", "n": n, "threads": rayon::current_num_threads(),
            "median_gflops": square, "gflops_512x576x1536": step_shape, "bf16_gflops": bf16,
-           "bf16_kernel": if crate::kernels::amx::available() { "amx" } else if crate::kernels::amx::products_available() { "fp16" } else { "none" }}))
+           "bf16_kernel": crate::kernels::amx::product_unit().map_or("none", |unit| unit.name())}))
 }
 
 /// GFLOP/s of `product` (`multiply_adds` of them), median over `repeats` timed runs after one

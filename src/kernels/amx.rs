@@ -11,6 +11,10 @@
 //! keeps a 32×32 block of C in four tile registers. Rust has no stable AMX intrinsics, so the tile
 //! instructions are inline assembly; `available()` also asks Linux for the tile state
 //! (arch_prctl ARCH_REQ_XCOMP_PERM), without which the first tile instruction would fault.
+//!
+//! Without AMX, `matmul_bf16` runs on the best vectors the CPU has (`product_unit`): AVX512-FP16
+//! (`kernels::fp16`, its own packing), else AVX512-BF16 dot products over this module's packed
+//! operands (`kernels::dpbf16`, in place of the tile microkernel).
 
 use super::aligned::AlignedVec;
 use super::bf16::{to_bf16, AsF32};
@@ -53,10 +57,50 @@ pub fn available() -> bool {
     })
 }
 
-/// True when `matmul_bf16` runs here: on AMX tiles, or, on a CPU with AVX512-FP16 but no AMX, on
-/// fp16 vectors (`kernels::fp16`), which there are twice as fast as an f32 GEMM.
+/// What runs `matmul_bf16`'s products on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProductUnit {
+    /// AMX bf16 tiles.
+    Tiles,
+    /// AVX512-FP16 vectors, without AMX (`kernels::fp16`): other numerics, see there.
+    Fp16,
+    /// AVX512-BF16 dot products, with neither (`kernels::dpbf16`): the tiles' numerics.
+    Bf16Dot,
+}
+
+impl ProductUnit {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProductUnit::Tiles => "amx",
+            ProductUnit::Fp16 => "fp16",
+            ProductUnit::Bf16Dot => "dpbf16",
+        }
+    }
+}
+
+/// The fastest unit this CPU has for `matmul_bf16`, or none (bf16 weights then take the f32 GEMM).
+/// Each runs a product at about twice the f32 GEMM's rate or more where it was measured.
+pub fn product_unit() -> Option<ProductUnit> {
+    if available() {
+        Some(ProductUnit::Tiles)
+    } else if super::fp16::available() {
+        Some(ProductUnit::Fp16)
+    } else if super::dpbf16::available() {
+        Some(ProductUnit::Bf16Dot)
+    } else {
+        None
+    }
+}
+
+/// True when `matmul_bf16` runs here (`product_unit()` is some).
 pub fn products_available() -> bool {
-    available() || super::fp16::available()
+    product_unit().is_some()
+}
+
+/// True when the products round the activations to bf16 and sum in f32 (AMX tiles or AVX512-BF16
+/// dot products), as PyTorch's bf16 does; false for fp16 vectors or no unit at all.
+pub fn products_round_to_bf16() -> bool {
+    matches!(product_unit(), Some(ProductUnit::Tiles | ProductUnit::Bf16Dot))
 }
 
 /// The 64-byte operand of `ldtilecfg`: palette 1, its 8 tiles used as 16 rows of 64 bytes.
@@ -169,7 +213,7 @@ pub type RowFill<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
 /// `c[m×n] = alpha · a[m×k] · op(W)` (`+ c` with `accumulate`), with `a` rounded to bf16 and the
 /// products accumulated in f32; rows of `c` are `ldc` values apart and rows of `a` `lda` apart
 /// (`n` and `k` for whole matrices; more for a block of columns of a wider one). Call only when
-/// `products_available()`: without AMX the product runs on fp16 vectors (`fp16::matmul`).
+/// `products_available()`: the product runs on `product_unit()`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_bf16(
     c: &mut [f32],
@@ -183,7 +227,25 @@ pub fn matmul_bf16(
     alpha: f32,
     accumulate: bool,
 ) {
-    assert!(products_available(), "matmul_bf16 needs AMX-BF16 or AVX512-FP16");
+    let unit = product_unit().expect("matmul_bf16 needs AMX-BF16, AVX512-FP16 or AVX512-BF16");
+    matmul_bf16_on(unit, c, ldc, a, lda, m, k, w, n, alpha, accumulate)
+}
+
+/// `matmul_bf16` on the given unit, which this CPU must have (tests run each one it has).
+#[allow(clippy::too_many_arguments)]
+fn matmul_bf16_on(
+    unit: ProductUnit,
+    c: &mut [f32],
+    ldc: usize,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    k: usize,
+    w: Weight,
+    n: usize,
+    alpha: f32,
+    accumulate: bool,
+) {
     assert!(ldc >= n && lda >= k, "matmul_bf16: strides {ldc}, {lda} below the widths {n}, {k}");
     if let Weight::Nk(wv) | Weight::Kn(wv) = w {
         assert_eq!(wv.len(), k * n, "matmul_bf16: weight has {} elements, expected {k}×{n}", wv.len());
@@ -200,9 +262,11 @@ pub fn matmul_bf16(
         }
         return;
     }
-    if !available() {
+    if unit == ProductUnit::Fp16 {
         return super::fp16::matmul(c, ldc, a, lda, m, k, w, n, alpha, accumulate);
     }
+    let tiles = unit == ProductUnit::Tiles;
+    assert!(if tiles { available() } else { super::dpbf16::available() }, "matmul_bf16: this CPU has no {unit:?}");
     let (mp, np, kp) = (m.next_multiple_of(MR), n.next_multiple_of(NR), k.next_multiple_of(KR));
     let mut a16 = A_SCRATCH.take();
     let mut b16 = B_SCRATCH.take();
@@ -213,7 +277,7 @@ pub fn matmul_bf16(
         Weight::Kn(w) => pack_kn(w, k, n, np, kp, &mut b16, true),
         Weight::KnRows(fill) => pack_kn_filled(fill, k, n, np, kp, &mut b16),
     }
-    multiply(c, ldc, &a16, m, kp, &b16, n, alpha, accumulate);
+    multiply(tiles, c, ldc, &a16, m, kp, &b16, n, alpha, accumulate);
     A_SCRATCH.set(a16);
     B_SCRATCH.set(b16);
 }
@@ -283,7 +347,7 @@ fn pack_nk(w: Rows, n: usize, k: usize, np: usize, kp: usize, out: &mut AlignedV
             let depth = KR.min(k.saturating_sub(KR * t));
             if rows == 16 && depth == KR {
                 // SAFETY: 16 rows of 32 values from column 32t exist in `src`; the tile has 512
-                // values. AVX-512 is part of `available()`.
+                // values. AVX-512 is part of `available()` and `dpbf16::available()`.
                 unsafe { transpose_16x16_32bit(src[KR * t..].as_ptr() as *const u8, 2 * k, tile.as_mut_ptr() as *mut u8, 64) };
             } else {
                 for c in 0..rows {
@@ -375,7 +439,7 @@ fn interleave_pair(r0: &[u16], r1: Option<&[u16]>, tile_row: &mut [u16]) {
     match r1 {
         None => r0.iter().enumerate().for_each(|(c, &v)| tile_row[2 * c] = v),
         // SAFETY: both row segments have 16 values and the tile row 32; AVX-512 is part of
-        // `available()`.
+        // `available()` and `dpbf16::available()`.
         Some(r1) if r0.len() == 16 => unsafe { interleave_16(r0, r1, tile_row) },
         Some(r1) => r0.iter().zip(r1).enumerate().for_each(|(c, (&a, &b))| (tile_row[2 * c], tile_row[2 * c + 1]) = (a, b)),
     }
@@ -458,15 +522,18 @@ thread_local! {
 
 /// `c = alpha · a16 · b16` (or `c += …`), in passes of `PASS_ROWS` rows; within a pass one rayon
 /// task per pair of panels (32 columns of C) runs the depth chunks over all the pass's row blocks,
-/// then writes its column of C.
+/// then writes its column of C. Each 32×32 block goes to the tile microkernel (`tiles`) or to its
+/// AVX512-BF16 counterpart, `dpbf16::block`, on the same packed operands.
 #[allow(clippy::too_many_arguments)]
-fn multiply(c: &mut [f32], ldc: usize, a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usize, alpha: f32, accumulate: bool) {
+fn multiply(tiles: bool, c: &mut [f32], ldc: usize, a16: &[u16], m: usize, kp: usize, b16: &[u16], n: usize, alpha: f32, accumulate: bool) {
     let (m_blocks, n_blocks) = (m.div_ceil(MR), n.div_ceil(NR));
     let shared = Shared(c.as_mut_ptr());
     for first in (0..m_blocks).step_by(PASS_ROWS / MR) {
         let blocks = (PASS_ROWS / MR).min(m_blocks - first);
         (0..n_blocks).into_par_iter().for_each(|nb| {
-            configure_tiles();
+            if tiles {
+                configure_tiles();
+            }
             let mut scratch = C_SCRATCH.take();
             scratch.resize(blocks * MR * NR);
             for d0 in (0..kp).step_by(DEPTH_CHUNK) {
@@ -476,19 +543,16 @@ fn multiply(c: &mut [f32], ldc: usize, a16: &[u16], m: usize, kp: usize, b16: &[
                 for (i, block) in scratch.chunks_exact_mut(MR * NR).enumerate() {
                     let group = |g: usize| a16[g * 16 * kp + 16 * d0..][..16 * (kp - d0)].as_ptr();
                     let mb = first + i;
-                    // SAFETY: tiles configured above; each A group and panel holds `steps` tiles of
-                    // 1 KiB from depth d0 (the slices above are checked), `block` is 32 rows of 32 f32.
+                    let (a, b) = ([group(2 * mb), group(2 * mb + 1)], [panel(2 * nb), panel(2 * nb + 1)]);
+                    // SAFETY: tiles configured above (or AVX512-BF16 checked by the caller); each A
+                    // group and panel holds `steps` tiles of 1 KiB from depth d0 (the slices above
+                    // are checked), `block` is 32 rows of 32 f32.
                     unsafe {
-                        microkernel(
-                            [group(2 * mb), group(2 * mb + 1)],
-                            64,
-                            1024,
-                            [panel(2 * nb), panel(2 * nb + 1)],
-                            steps,
-                            block.as_mut_ptr(),
-                            4 * NR,
-                            d0 > 0,
-                        )
+                        if tiles {
+                            microkernel(a, 64, 1024, b, steps, block.as_mut_ptr(), 4 * NR, d0 > 0)
+                        } else {
+                            super::dpbf16::block(a, 64, 1024, b, steps, block.as_mut_ptr(), 4 * NR, d0 > 0)
+                        }
                     };
                 }
             }
@@ -983,14 +1047,26 @@ mod tests {
         v.iter().map(|&x| super::super::bf16::to_f32(to_bf16(x))).collect()
     }
 
+    /// The units with the tiles' numerics that this CPU has: AMX tiles, AVX512-BF16 vectors.
+    fn bf16_units() -> Vec<ProductUnit> {
+        let units = [(available(), ProductUnit::Tiles), (super::super::dpbf16::available(), ProductUnit::Bf16Dot)];
+        let here: Vec<ProductUnit> = units.iter().filter(|(has, _)| *has).map(|&(_, unit)| unit).collect();
+        if here.is_empty() {
+            eprintln!("skipped: this CPU (or OS) has neither AMX-BF16 nor AVX512-BF16");
+        }
+        here
+    }
+
     /// With row strides the product reads a block of columns of a wider A and writes a block of
     /// columns of a wider C, leaving the columns around it as they were.
     #[test]
     fn strided_products_touch_only_their_block() {
-        if !available() {
-            eprintln!("skipped: this CPU (or OS) has no AMX-BF16");
-            return;
+        for unit in bf16_units() {
+            strided_products_on(unit);
         }
+    }
+
+    fn strided_products_on(unit: ProductUnit) {
         let mut rng = Rng::new(12);
         let (m, n, k, lda, ldc, a_at, c_at) = (45, 40, 70, 83, 57, 9, 11);
         let a_wide = randn(&mut rng, m * lda, 1.0);
@@ -1001,14 +1077,14 @@ mod tests {
         for acc in [false, true] {
             let c0 = randn(&mut rng, m * ldc, 1.0);
             let mut got = c0.clone();
-            matmul_bf16(&mut got[c_at..], ldc, &a_wide[a_at..], lda, m, k, Weight::Nk(&w16), n, 1.0, acc);
+            matmul_bf16_on(unit, &mut got[c_at..], ldc, &a_wide[a_at..], lda, m, k, Weight::Nk(&w16), n, 1.0, acc);
             let mut want: Vec<f32> = c0.chunks(ldc).flat_map(|row| row[c_at..c_at + n].to_vec()).collect();
             matmul_naive(&mut want, &a, false, &wr, true, m, n, k, 1.0, acc);
             for (i, (g, c)) in got.chunks(ldc).zip(c0.chunks(ldc)).enumerate() {
                 assert_eq!(&g[..c_at], &c[..c_at], "row {i}: columns before the block changed");
                 assert_eq!(&g[c_at + n..], &c[c_at + n..], "row {i}: columns after the block changed");
                 let err = g[c_at..c_at + n].iter().zip(&want[i * n..]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-                assert!(err < 1e-5 * k as f32 + 1e-6, "row {i} acc={acc}: {err}");
+                assert!(err < 1e-5 * k as f32 + 1e-6, "{unit:?} row {i} acc={acc}: {err}");
             }
         }
     }
@@ -1016,10 +1092,12 @@ mod tests {
     /// The tile products equal an f64 product of the bf16-rounded inputs, up to f32 summation.
     #[test]
     fn products_match_naive_on_bf16_inputs_in_both_weight_layouts() {
-        if !available() {
-            eprintln!("skipped: this CPU (or OS) has no AMX-BF16");
-            return;
+        for unit in bf16_units() {
+            products_match_naive_on(unit);
         }
+    }
+
+    fn products_match_naive_on(unit: ProductUnit) {
         let mut rng = Rng::new(11);
         // (600, 70, 300): two passes of rows, and depth chunks of 256 and 44 (padded to 64).
         for &(m, n, k) in &[(1, 1, 1), (3, 5, 0), (5, 17, 3), (37, 70, 45), (64, 96, 64), (33, 33, 97), (130, 40, 576), (600, 70, 300)] {
@@ -1032,10 +1110,10 @@ mod tests {
                 // Nk: W is [n × k], product a·Wᵀ. Kn: the same values read as [k × n], product a·W.
                 for (weight, w_t) in [(Weight::Nk(&w16), true), (Weight::Kn(&w16), false)] {
                     let (mut got, mut want) = (c0.clone(), c0.clone());
-                    matmul_bf16(&mut got, n, &a, k, m, k, weight, n, 0.5, acc);
+                    matmul_bf16_on(unit, &mut got, n, &a, k, m, k, weight, n, 0.5, acc);
                     matmul_naive(&mut want, &ar, false, &wr, w_t, m, n, k, 0.5, acc);
                     let err = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-                    assert!(err < 1e-5 * k as f32 + 1e-6, "({m},{n},{k}) w_t={w_t} acc={acc}: {err}");
+                    assert!(err < 1e-5 * k as f32 + 1e-6, "{unit:?} ({m},{n},{k}) w_t={w_t} acc={acc}: {err}");
                 }
             }
         }

@@ -228,10 +228,10 @@ mod tests {
         let w: Vec<f32> = bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
         let targets: Vec<Option<u32>> = (0..rows).map(|r| Some((r * 131 % vocab) as u32)).collect();
         let (mut dx_f32, mut dx_bf16) = (vec![0.0; rows * dim], vec![0.0; rows * dim]);
-        // On AMX the bf16 head also rounds its inputs to bf16: the hidden states on the way into
-        // the logits, the logits' gradient on the way back. On fp16 vectors (AVX512-FP16 without
-        // AMX) both operands are rounded to fp16 and summed in fp16 over a few values.
-        let (x_seen, loss_tolerance, dx_tolerance) = if amx::available() {
+        // On AMX (or AVX512-BF16 vectors) the bf16 head also rounds its inputs to bf16: the hidden
+        // states on the way into the logits, the logits' gradient on the way back. On fp16 vectors
+        // (AVX512-FP16 without AMX) both operands are rounded to fp16 and summed in fp16 over a few values.
+        let (x_seen, loss_tolerance, dx_tolerance) = if amx::products_round_to_bf16() {
             (x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(), 1e-4, 1e-3)
         } else if amx::products_available() {
             (x.clone(), 1e-3, 1e-3)

@@ -56,8 +56,8 @@ pub fn matmul(c: &mut [f32], a: &[f32], a_t: bool, b: &[f32], b_t: bool, m: usiz
 }
 
 /// A weight matrix `[rows × cols]` (a linear layer's `[out, in]`) in a form the products take:
-/// f32 through `matmul`, or bf16 through `amx::matmul_bf16` — AMX tiles, or fp16 vectors on a CPU
-/// with AVX512-FP16 and no AMX (construct the bf16 forms only when `amx::products_available()`).
+/// f32 through `matmul`, or bf16 through `amx::matmul_bf16` — AMX tiles, or AVX512-FP16 or
+/// AVX512-BF16 vectors without AMX (construct the bf16 forms only when `amx::products_available()`).
 #[derive(Clone, Copy)]
 pub enum DenseWeight<'a> {
     F32(&'a [f32]),

@@ -19,6 +19,23 @@ pub mod amx {
         false
     }
 
+    pub fn products_round_to_bf16() -> bool {
+        false
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum ProductUnit {}
+
+    impl ProductUnit {
+        pub fn name(self) -> &'static str {
+            match self {}
+        }
+    }
+
+    pub fn product_unit() -> Option<ProductUnit> {
+        None
+    }
+
     #[derive(Clone, Copy)]
     pub enum Weight<'a> {
         Nk(&'a [u16]),
@@ -40,6 +57,8 @@ mod attention_tiles;
 pub mod bf16;
 pub mod blocks;
 pub mod dot;
+#[cfg(target_arch = "x86_64")]
+mod dpbf16;
 pub mod dropout;
 pub mod fastexp;
 #[cfg(target_arch = "x86_64")]

@@ -240,8 +240,8 @@ impl FrozenMatrix {
     /// The matrix as the GEMMs take it. Where the CPU has AMX: bf16 as stored, and Q8_0/Q4_1
     /// dequantized to bf16 a few rows at a time as the product packs them into tile panels (no
     /// bf16 copy of the whole matrix is written and read back, so a quantized base trains at
-    /// nearly bf16 speed); with AVX512-FP16 but no AMX the same forms, on fp16 vectors
-    /// (`kernels::fp16`); elsewhere f32 (compact formats expanded into scratch).
+    /// nearly bf16 speed); without AMX the same forms on AVX512-FP16 or AVX512-BF16 vectors
+    /// (`amx::product_unit`); elsewhere f32 (compact formats expanded into scratch).
     fn with_dense<R>(&self, f: impl FnOnce(DenseWeight) -> R) -> R {
         match &self.data {
             Data::F32(w) => f(DenseWeight::F32(w)),
@@ -344,8 +344,9 @@ mod tests {
 
     #[test]
     fn batched_products_of_every_format_match_its_values_rounded_as_the_kernels_take_them() {
-        // With AMX, bf16 and the block formats multiply on tiles: the weights as bf16 (Q8_0/Q4_1
-        // dequantized, then rounded) and the activations rounded to bf16. With AVX512-FP16 and no
+        // With AMX (or AVX512-BF16 alone), bf16 and the block formats multiply on tiles (or their
+        // vector counterpart): the weights as bf16 (Q8_0/Q4_1 dequantized, then rounded) and the
+        // activations rounded to bf16. With AVX512-FP16 and no
         // AMX they take the same bf16 weights on fp16 vectors, within fp16's rounding (about 1e-3
         // of each sum's size, which is ~depth here). Elsewhere compact weights are expanded to f32
         // exactly.
@@ -358,8 +359,8 @@ mod tests {
         {
             let w = randn(&mut rng, rows * cols, 1.0);
             let fm = FrozenMatrix::new(rows, cols, w.clone(), format);
-            let tiles = amx::available() && format != WeightFormat::F32;
-            let fp16 = !amx::available() && amx::products_available() && format != WeightFormat::F32;
+            let tiles = amx::products_round_to_bf16() && format != WeightFormat::F32;
+            let fp16 = !amx::products_round_to_bf16() && amx::products_available() && format != WeightFormat::F32;
             let values = if tiles || fp16 { round(&fm.to_f32()) } else { fm.to_f32() };
             let (forward_tolerance, backward_tolerance) = if fp16 { (1e-3 * cols as f32, 1e-3 * rows as f32) } else { (1e-4, 1e-4) };
             let (x, dy) = (randn(&mut rng, m * cols, 1.0), randn(&mut rng, m * rows, 1.0));
