@@ -28,7 +28,7 @@ if [ -x "$ref/bin/python" ] && [ -d "$ref/models/smollm2-135m-hf" ]; then
 else
     echo "no reference venv at $ref (./scripts/setup_reference.sh makes one): lowrank rows only" >&2
 fi
-corpus="$out/corpus.txt"
+corpus="$out/corpus.jsonl"  # one docstring per line: the same documents as peft_bench.py
 if [ ! -s "$corpus" ]; then "$py" "$peft_bench" corpus --out "$corpus" >/dev/null; fi
 results="$out/results.jsonl"
 : > "$results"

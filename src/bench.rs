@@ -12,7 +12,7 @@ use crate::model::DecoderModel;
 use crate::pretrained::Pretrained;
 use crate::rng::Rng;
 use crate::train::AdamW;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Instant;
@@ -98,6 +98,23 @@ pub struct TrainBench<'a> {
     pub profile: bool,
 }
 
+/// The documents of a benchmark corpus: in a `.jsonl` file (what `peft_bench.py corpus --out
+/// X.jsonl` writes) each line's `"text"`, exactly peft_bench's documents; in any other file the
+/// text between blank lines (a document with blank lines of its own then counts as several).
+fn corpus_documents<'a>(path: &Path, text: &'a str) -> Result<Vec<std::borrow::Cow<'a, str>>> {
+    if path.extension().is_none_or(|e| e != "jsonl") {
+        return Ok(text.split("\n\n").map(std::borrow::Cow::Borrowed).collect());
+    }
+    let mut docs = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let value: Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))?;
+        let doc = value.get("text").and_then(Value::as_str);
+        let doc = doc.with_context(|| format!("{}:{}: no string field \"text\"", path.display(), i + 1))?;
+        docs.push(std::borrow::Cow::Owned(doc.to_owned()));
+    }
+    Ok(docs)
+}
+
 /// LoRA training throughput on fixed-length blocks of the corpus (labels = inputs).
 pub fn train(p: &Pretrained, b: &TrainBench) -> Result<Value> {
     use crate::limits::{check_count, MAX_STEPS};
@@ -106,12 +123,13 @@ pub fn train(p: &Pretrained, b: &TrainBench) -> Result<Value> {
     check_count("--steps", b.steps, 1, MAX_STEPS)?;
     check_count("--warmup", b.warmup, 0, MAX_STEPS)?;
     let text = crate::io::read_input_text(b.corpus, "corpus")?;
+    let docs = corpus_documents(b.corpus, &text)?;
     let eos = p.tokenizer.eos_id.unwrap_or(0);
     let need = (b.warmup + b.steps) * b.batch;
     let mut ids: Vec<u32> = Vec::new();
     let mut blocks: Vec<Sequence> = Vec::new();
-    for doc in text.split("\n\n") {
-        ids.extend(p.tokenizer.encode(doc, false)?);
+    for doc in docs {
+        ids.extend(p.tokenizer.encode(&doc, false)?);
         ids.push(eos);
         while ids.len() >= b.seq && blocks.len() < need {
             let rest = ids.split_off(b.seq);
@@ -345,4 +363,24 @@ fn gflops(multiply_adds: usize, repeats: usize, mut product: impl FnMut()) -> f6
         })
         .collect();
     2.0 * multiply_adds as f64 / median(&mut ts) / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `.jsonl` corpus gives each line's text whole, blank lines inside included; a text corpus
+    /// splits at blank lines; a bad line is named by file and line.
+    #[test]
+    fn corpus_documents_follow_the_file_form() {
+        let jsonl = "{\"text\": \"one\\n\\nparagraph two\"}\n\n{\"text\": \"three\"}\n";
+        let docs = corpus_documents(Path::new("c.jsonl"), jsonl).unwrap();
+        assert_eq!(docs, ["one\n\nparagraph two", "three"]);
+        let docs = corpus_documents(Path::new("c.txt"), "one\n\nparagraph two\n\nthree").unwrap();
+        assert_eq!(docs, ["one", "paragraph two", "three"]);
+        let err = corpus_documents(Path::new("c.jsonl"), "{\"text\": \"a\"}\n{\"txt\": 1}\n").unwrap_err();
+        assert!(err.to_string().contains("c.jsonl:2") && err.to_string().contains("\"text\""), "{err}");
+        let err = corpus_documents(Path::new("c.jsonl"), "not json\n").unwrap_err();
+        assert!(err.to_string().contains("c.jsonl:1"), "{err}");
+    }
 }

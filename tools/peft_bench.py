@@ -9,8 +9,11 @@ that scripts/bench.sh can put the two side by side. The workload, exactly:
              are skipped); in each file the module docstring, then the docstrings of every class
              and (async) function in ast.walk order, cleaned (ast.get_docstring(clean=True)) and
              kept when at least 40 characters long; whole files are added until the kept text
-             (each docstring counted with 2 more characters) reaches 1,500,000 characters. The
-             text form, which `corpus` writes and lowrank reads, joins them with blank lines.
+             (each docstring counted with 2 more characters) reaches 1,500,000 characters.
+             `corpus --out X.jsonl` writes them one JSON object {"text": docstring} per line,
+             which lowrank reads as the same documents; the text form (any other name) joins
+             them with blank lines, and lowrank splits that at every blank line, inside
+             docstrings too, so its token stream differs.
   blocks     causal LM: each docstring tokenized without special tokens and followed by EOS, all
              concatenated and cut into consecutive blocks of --seq tokens; labels = inputs (the
              model shifts them). seq-cls: [CLS] + seq-2 tokens + [SEP], the token stream built
@@ -34,7 +37,7 @@ Other subcommands:
   infer   greedy generation speed with transformers: base, unmerged LoRA, merged LoRA (+ a check
           that merging keeps the logits)
   sgemm   f32 matrix multiply throughput of torch and numpy
-  corpus  write the corpus text to a file (what `lowrank bench train --corpus` reads)
+  corpus  write the corpus to a file (what `lowrank bench train --corpus` reads; .jsonl: one document a line)
 
 Each result is one JSON line on stdout, prefixed "RESULT "; --json-out FILE appends it to FILE.
 
@@ -405,7 +408,10 @@ def cmd_sgemm(a):
 def cmd_corpus(a):
     docs = stdlib_docstrings()
     with open(a.out, "w", encoding="utf-8") as f:
-        f.write(corpus_text(docs))
+        if a.out.endswith(".jsonl"):
+            f.writelines(json.dumps({"text": doc}) + "\n" for doc in docs)
+        else:
+            f.write(corpus_text(docs))
     print(json.dumps(corpus_summary(docs)))
 
 
