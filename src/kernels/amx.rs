@@ -582,6 +582,8 @@ fn multiply(tiles: bool, c: &mut [f32], ldc: usize, a16: &[u16], m: usize, kp: u
 // tasks inside the caller's own parallel loop over heads, would cost more than the products.
 // These functions run on the calling thread; the operands are whole tiles (multiples of 32 in
 // every dimension, zero padding), and results go straight from the tile registers to memory.
+// Where `product_unit()` is AVX512-BF16 instead of AMX, `tile_product` runs each block on those
+// vectors (`dpbf16::block`), so the callers check `products_round_to_bf16()`.
 
 /// `rows × cols` f32 values (row `i` from `a[i·lda]`) as bf16 rows of `cols_p` values into `out`,
 /// `rows_p` rows; the padding is zero.
@@ -610,7 +612,7 @@ pub(crate) fn bf16_rows_into<T: AsF32>(
 /// The transpose of `a` (`[rows × cols]`, row-major) as bf16: `cols` rows of `stride` values,
 /// `out[j·stride + i] = a[i·cols + j]`; the values past `rows` in each row are zero.
 pub(crate) fn bf16_transposed_into(a: &[f32], rows: usize, cols: usize, stride: usize, out: &mut AlignedVec<u16>) {
-    assert!(available() && rows <= stride && a.len() == rows * cols);
+    assert!(products_round_to_bf16() && rows <= stride && a.len() == rows * cols);
     out.resize(cols * stride);
     let whole = rows - rows % 16;
     let mut block = [0.0f32; 256];
@@ -638,7 +640,7 @@ pub(crate) fn bf16_transposed_into(a: &[f32], rows: usize, cols: usize, stride: 
 
 /// `dst[j·dst_stride + i] = src[i·src_stride + j]` for `i < rows`, `j < cols`: an f32 transpose.
 pub(crate) fn transpose_f32(src: &[f32], src_stride: usize, rows: usize, cols: usize, dst: &mut [f32], dst_stride: usize) {
-    assert!(available() && cols <= src_stride && rows <= dst_stride);
+    assert!(products_round_to_bf16() && cols <= src_stride && rows <= dst_stride);
     assert!(rows == 0 || cols == 0 || ((rows - 1) * src_stride + cols <= src.len() && (cols - 1) * dst_stride + rows <= dst.len()));
     let (whole_rows, whole_cols) = (rows - rows % 16, cols - cols % 16);
     for i0 in (0..whole_rows).step_by(16) {
@@ -679,7 +681,7 @@ pub(crate) fn panels_kn(w: &[u16], k: usize, n: usize, out: &mut AlignedVec<u16>
 /// `panels_kn` of `rows` rows of `n` f32 values (`stride` apart) rounded to bf16, with zero rows
 /// up to the depth `k` (a multiple of 32): the conversion and the packing in one pass.
 pub(crate) fn panels_kn_f32(w: &[f32], stride: usize, rows: usize, k: usize, n: usize, out: &mut AlignedVec<u16>) {
-    assert!(available() && n.is_multiple_of(NR) && k.is_multiple_of(KR) && rows <= k && n <= stride);
+    assert!(products_round_to_bf16() && n.is_multiple_of(NR) && k.is_multiple_of(KR) && rows <= k && n <= stride);
     assert!(rows == 0 || (rows - 1) * stride + n <= w.len());
     out.resize(n * k);
     let row_bf16 = |r: usize, c0: usize| -> [u16; 16] {
@@ -720,7 +722,7 @@ pub(crate) fn tile_product(
     depth: usize,
     accumulate: bool,
 ) {
-    assert!(available(), "tile_product needs AMX-BF16");
+    assert!(products_round_to_bf16(), "tile_product needs AMX-BF16 or AVX512-BF16");
     assert!(mp.is_multiple_of(MR) && np.is_multiple_of(NR) && depth.is_multiple_of(KR) && depth > 0, "tile_product: {mp}×{np}×{depth}");
     if mp == 0 || np == 0 {
         return;
@@ -728,23 +730,25 @@ pub(crate) fn tile_product(
     assert!(depth <= a_stride && (mp - 1) * a_stride + depth <= a.len(), "tile_product: a too short");
     assert!(16 * depth <= panel_stride && (np / 16 - 1) * panel_stride + 16 * depth <= b.len(), "tile_product: b too short");
     assert!(np <= ldc && (mp - 1) * ldc + np <= c.len(), "tile_product: c too short");
-    configure_tiles();
+    let tiles = available();
+    if tiles {
+        configure_tiles();
+    }
     for mb in 0..mp / MR {
         for nb in 0..np / NR {
-            // SAFETY: tiles configured; the asserts above keep 32 rows of `depth` values of `a`
+            // SAFETY: tiles configured (or AVX512-BF16 present: `products_round_to_bf16`); the
+            // asserts above keep 32 rows of `depth` values of `a`
             // from row 32·mb, two panels' first `16·depth` values from panel 2·nb, and 32 rows of
             // 32 values of `c` from (32·mb, 32·nb) inside their slices.
             unsafe {
-                microkernel(
-                    [a.as_ptr().add(mb * MR * a_stride), a.as_ptr().add((mb * MR + 16) * a_stride)],
-                    2 * a_stride,
-                    64,
-                    [b.as_ptr().add(2 * nb * panel_stride), b.as_ptr().add((2 * nb + 1) * panel_stride)],
-                    depth / KR,
-                    c.as_mut_ptr().add(mb * MR * ldc + nb * NR),
-                    4 * ldc,
-                    accumulate,
-                )
+                let groups = [a.as_ptr().add(mb * MR * a_stride), a.as_ptr().add((mb * MR + 16) * a_stride)];
+                let panels = [b.as_ptr().add(2 * nb * panel_stride), b.as_ptr().add((2 * nb + 1) * panel_stride)];
+                let block = c.as_mut_ptr().add(mb * MR * ldc + nb * NR);
+                if tiles {
+                    microkernel(groups, 2 * a_stride, 64, panels, depth / KR, block, 4 * ldc, accumulate)
+                } else {
+                    super::dpbf16::block(groups, 2 * a_stride, 64, panels, depth / KR, block, 4 * ldc, accumulate)
+                }
             };
         }
     }
@@ -1123,7 +1127,7 @@ mod tests {
     /// deeper than the product reads, and accumulation.
     #[test]
     fn serial_tile_pieces_match_naive() {
-        if !available() {
+        if !products_round_to_bf16() {
             return;
         }
         let mut rng = Rng::new(4);

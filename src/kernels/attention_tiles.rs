@@ -1,4 +1,5 @@
-//! Attention's products on AMX bf16 tiles, for bases whose other products already run there
+//! Attention's products on AMX bf16 tiles (or, without AMX, the same products on AVX512-BF16
+//! vectors: `amx::tile_product`), for bases whose other products already run there
 //! (`AttnShape::tiles`): the same computation as `attention`'s GEMM path — per query tile the
 //! scores Q·Kᵀ, the probabilities, P·V; backward the probabilities recomputed from the
 //! log-sum-exp, dP = dO·Vᵀ, dS, dQ = dS·K, dK and dV — with the operands of each product rounded
@@ -18,10 +19,11 @@ use super::dot::dot;
 use rayon::prelude::*;
 use std::cell::Cell;
 
-/// Whether `s` can run on tiles here: AMX, and heads of whole tile rows (`head_dim` a multiple
-/// of 32; every head size of the supported families is).
+/// Whether `s` can run on tiles here: AMX (or AVX512-BF16 where that is the product unit, the
+/// tiles' products on vectors), and heads of whole tile rows (`head_dim` a multiple of 32; every
+/// head size of the supported families is).
 pub(super) fn usable(s: &AttnShape) -> bool {
-    amx::available() && s.head_dim.is_multiple_of(32)
+    amx::products_round_to_bf16() && s.head_dim.is_multiple_of(32)
 }
 
 /// Per-thread buffers of one (sequence, head) task, kept between calls so that a training step
@@ -220,8 +222,8 @@ mod tests {
     /// several query tiles (the last partial), grouped heads, a padded sequence, a window.
     #[test]
     fn tiles_match_the_f32_path() {
-        if !amx::available() {
-            eprintln!("no AMX here: the tile path is not used");
+        if !amx::products_round_to_bf16() {
+            eprintln!("no AMX or AVX512-BF16 here: the tile path is not used");
             return;
         }
         const T: usize = 300;
@@ -268,7 +270,7 @@ mod tests {
     /// continuation): the same as the f32 path.
     #[test]
     fn tiles_match_the_f32_path_against_a_cache() {
-        if !amx::available() {
+        if !amx::products_round_to_bf16() {
             return;
         }
         let f32_shape = AttnShape {

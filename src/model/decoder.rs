@@ -351,12 +351,24 @@ impl DecoderModel {
         }
     }
 
-    /// Whether attention's products run on AMX bf16 tiles: when the linear products do (a base
-    /// stored as bf16, Q8_0 or Q4_1 on a CPU with AMX), so that one precision runs through the
-    /// model, as in PyTorch's bf16.
+    /// Whether attention's products run on AMX bf16 tiles (or their AVX512-BF16 counterpart):
+    /// when the linear products do (a base stored as bf16, Q8_0 or Q4_1 on a CPU whose product
+    /// unit rounds to bf16), so that one precision runs through the model, as in PyTorch's bf16.
     fn attention_on_tiles(&self) -> bool {
-        crate::kernels::amx::available()
-            && self.layers.first().is_some_and(|l| l.linear[ModuleKind::Q.index()].w.format() != WeightFormat::F32)
+        crate::kernels::amx::products_round_to_bf16() && self.base_not_f32()
+    }
+
+    /// Whether training keeps a layer's input, residual and MLP gate and up for the backward pass
+    /// in bf16: when the linear products run in bf16 (a base that is not f32, on any
+    /// `amx::product_unit`), which round their inputs to bf16 or finer anyway — as PyTorch keeps a
+    /// bf16 model's. (Attention's q, k, v and output follow `attention_on_tiles`.)
+    fn keeps_bf16(&self) -> bool {
+        crate::kernels::amx::products_available() && self.base_not_f32()
+    }
+
+    /// Whether the base is stored in a format other than f32 (bf16, Q8_0, Q4_1).
+    fn base_not_f32(&self) -> bool {
+        self.layers.first().is_some_and(|l| l.linear[ModuleKind::Q.index()].w.format() != WeightFormat::F32)
     }
 
     /// Whether inference keeps its KV cache in bf16: for a base that is not f32 (bf16, Q8_0,
@@ -365,7 +377,7 @@ impl DecoderModel {
     /// values per step); bf16 halves that, as llama.cpp's default f16 cache does. An f32 base keeps
     /// an f32 cache, so that its decoding stays exact.
     fn kv_in_bf16(&self) -> bool {
-        self.layers.first().is_some_and(|l| l.linear[ModuleKind::Q.index()].w.format() != WeightFormat::F32)
+        self.base_not_f32()
     }
 
     /// Whether a module carries a (frozen) bias under `config`.
@@ -554,10 +566,12 @@ impl DecoderModel {
             from_heads(&attn, &mut attn_tokens, ql, None);
             (attn_tokens, Some(AttnActs { q, k, v, attn, lse }))
         };
-        let bf16 = for_backward && self.attention_on_tiles();
-        let p = self.layer_pass(l, h, n, &mut proj, &mut attend, bf16);
+        let p = self.layer_pass(l, h, n, &mut proj, &mut attend, for_backward && self.keeps_bf16());
         let AttnActs { q, k, v, attn, lse } = p.attn.expect("batch attention keeps its activations");
-        let keep = |values: Buf| Saved::keep(values, bf16);
+        // Attention's own activations only where attention computes in bf16 too: f32 attention's
+        // backward recomputes the probabilities from q and k against the forward's f32 log-sums.
+        let attn_bf16 = for_backward && self.attention_on_tiles();
+        let keep = |values: Buf| Saved::keep(values, attn_bf16);
         LayerActs {
             x_in: p.x_in,
             rstd1: p.rstd1,
