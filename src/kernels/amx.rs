@@ -619,7 +619,7 @@ pub(crate) fn bf16_transposed_into(a: &[f32], rows: usize, cols: usize, stride: 
     for i0 in (0..whole).step_by(16) {
         for j0 in (0..cols - cols % 16).step_by(16) {
             // SAFETY: rows i0..i0 + 16 of `a` hold columns j0..j0 + 16; `block` is 16 rows of
-            // 64 bytes; AVX-512 is part of `available()`.
+            // 64 bytes; AVX-512 is part of `products_round_to_bf16()` (asserted above).
             unsafe { transpose_16x16_32bit(a[i0 * cols + j0..].as_ptr() as *const u8, 4 * cols, block.as_mut_ptr() as *mut u8, 64) };
             for (r, src) in block.chunks_exact(16).enumerate() {
                 out[(j0 + r) * stride + i0..][..16].iter_mut().zip(src).for_each(|(d, &x)| *d = to_bf16(x));
@@ -646,7 +646,7 @@ pub(crate) fn transpose_f32(src: &[f32], src_stride: usize, rows: usize, cols: u
     for i0 in (0..whole_rows).step_by(16) {
         for j0 in (0..whole_cols).step_by(16) {
             // SAFETY: the asserts keep 16 rows of 16 values from (i0, j0) in `src` and from
-            // (j0, i0) in `dst`; AVX-512 is part of `available()`.
+            // (j0, i0) in `dst`; AVX-512 is part of `products_round_to_bf16()` (asserted above).
             unsafe {
                 transpose_16x16_32bit(
                     src[i0 * src_stride + j0..].as_ptr() as *const u8,
@@ -694,7 +694,8 @@ pub(crate) fn panels_kn_f32(w: &[f32], stride: usize, rows: usize, k: usize, n: 
     for j in 0..k / 2 {
         for p in 0..n / 16 {
             let (r0, r1) = (row_bf16(2 * j, 16 * p), row_bf16(2 * j + 1, 16 * p));
-            // SAFETY: two rows of 16 values and a tile row of 32; AVX-512 is part of `available()`.
+            // SAFETY: two rows of 16 values and a tile row of 32; AVX-512 is part of
+            // `products_round_to_bf16()` (asserted above).
             unsafe { interleave_16(&r0, &r1, &mut out[p * 16 * k + 32 * j..][..32]) };
         }
     }

@@ -12,8 +12,8 @@ use rayon::prelude::*;
 /// padding (`key_mask[b·kv_stride + j]`), and, with a window `w`, fewer than `w` positions back.
 /// Keys and values are `[batch, kv_heads, kv_stride, head_dim]` of which the first `kv_len`
 /// positions are used (`kv_stride` > `kv_len` for a KV cache with room to grow). With `tiles`, the
-/// products of many queries run on AMX bf16 tiles where the CPU has them (`attention_tiles`): set
-/// for a base whose linear products round to bf16 there already.
+/// products of many queries run on AMX bf16 tiles, or their AVX512-BF16 counterpart, where the
+/// CPU has them (`attention_tiles`): set for a base whose linear products round to bf16 there already.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
     pub batch: usize,

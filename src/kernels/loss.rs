@@ -21,8 +21,8 @@ struct Head<'a> {
     w: Row<'a>,
     vocab: usize,
     dim: usize,
-    /// f32 copy of one vocabulary block (compact heads without AMX), and the matching columns of
-    /// the logits.
+    /// f32 copy of one vocabulary block (compact heads without a bf16 product unit), and the
+    /// matching columns of the logits.
     block: Vec<f32>,
     cols: Vec<f32>,
 }
@@ -32,9 +32,10 @@ impl<'a> Head<'a> {
         Head { w, vocab, dim, block: Vec::new(), cols: Vec::new() }
     }
 
-    /// Vocabulary blocks as (first row, rows, values): an f32 head whole; on a CPU with AMX, a
-    /// bf16 head as stored and a Q8_0/Q4_1 head's block dequantized to bf16 as its product packs
-    /// it; without AMX, compact heads expanded to f32 one block at a time.
+    /// Vocabulary blocks as (first row, rows, values): an f32 head whole; with a bf16 product
+    /// unit (`amx::product_unit`), a bf16 head as stored and a Q8_0/Q4_1 head's block dequantized
+    /// to bf16 as its product packs it; without one, compact heads expanded to f32 one block at a
+    /// time.
     fn for_each_block(&mut self, mut f: impl FnMut(usize, usize, DenseWeight, &mut Vec<f32>)) {
         let (w, dim) = (self.w, self.dim);
         if let Row::F32(all) = w {

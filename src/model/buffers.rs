@@ -53,7 +53,8 @@ pub fn copy_of(values: &[f32]) -> Buf {
 /// An activation kept from the forward pass for the backward pass: as computed, or rounded to
 /// bf16 when the model runs in bf16 precision. The kept activations are most of a training step's
 /// peak memory, and bf16 halves them; PyTorch keeps a bf16 model's activations in bf16 too, and
-/// the products that read them round their inputs to bf16 anyway.
+/// the products that read them round their inputs to bf16 anyway (to fp16, a little finer, on
+/// AVX512-FP16 without AMX).
 pub enum Saved {
     F32(Buf),
     Bf16(Buf<u16>),

@@ -2,8 +2,9 @@
 //! quantizes them. Decoding multiplies the compact form directly (`gemv`); batched work (prefill,
 //! training) expands one matrix at a time into reused f32 scratch (`with_f32`), so a model in
 //! Q8_0 never holds more than one f32 matrix besides its activations. On a CPU with AMX the
-//! products run in bf16 on the tile unit (`kernels::amx`): bf16 matrices as stored, Q8_0/Q4_1
-//! ones expanded into reused bf16 scratch instead of f32.
+//! products run in bf16 on the tile unit (`kernels::amx`), without it on AVX512-FP16 or
+//! AVX512-BF16 vectors where the CPU has them (`amx::product_unit`): bf16 matrices as stored,
+//! Q8_0/Q4_1 ones dequantized to bf16 a few rows at a time as the product packs them.
 
 use crate::kernels::aligned::AlignedVec;
 use crate::kernels::amx;
