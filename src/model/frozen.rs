@@ -267,17 +267,24 @@ impl FrozenMatrix {
         self.with_dense(|w| w.backward(dx, dy, m, self.rows, self.cols, accumulate))
     }
 
-    /// Whether inference should take this matrix through `gemv` for any number of rows: a Q8_0
-    /// matrix on a CPU with AVX-512 VNNI but no AMX, where `matmul_t` expands it to f32 per call
-    /// and the 8-bit products (16 weight rows at a time, `vnni::q8_0_group`) are faster at every
-    /// size measured (SmolLM2's 1536 × 576, 2 threads: 48 rows 452 vs 1324 µs, 128 rows 1124 vs
-    /// 2047, 512 rows 4343 vs 4447). Training keeps `matmul_t`: its forward and backward then
-    /// multiply the same f32 activations.
-    pub fn infers_on_gemv(&self) -> bool {
+    /// Whether inference should take this matrix through `gemv` for `rows` rows: a Q8_0 matrix
+    /// on a CPU with AVX-512 VNNI but no AMX, where the 8-bit products (16 weight rows at a time,
+    /// `vnni::q8_0_group`) beat `matmul_t`.
+    /// - Against the f32 GEMM (Xeon without AMX; SmolLM2's 1536 × 576, 2 threads) at every size
+    ///   measured: 48 rows 452 vs 1324 µs, 128 rows 1124 vs 2047, 512 rows 4343 vs 4447. That
+    ///   also holds where the products run on AVX512-FP16 vectors (not measured against them).
+    /// - Against AVX512-BF16 dot products (`amx::ProductUnit::Bf16Dot`, AMD EPYC, `bench decode
+    ///   --weights q8_0` prefill tokens/s, alternating runs) only up to `GEMV_ROWS_BF16_DOT`: 48
+    ///   rows 867–1036 vs 361–584, 128 rows 777–1120 vs 1027–1028, 512 rows 854–954 vs 1212–1259.
+    ///
+    /// Training keeps `matmul_t`: its forward and backward then multiply the same activations.
+    pub fn infers_on_gemv(&self, rows: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
         if matches!(self.data, Data::Q8_0 { .. }) {
-            return !amx::int8_available() && crate::kernels::vnni::available();
+            let gemm_faster = amx::product_unit() == Some(amx::ProductUnit::Bf16Dot) && rows > GEMV_ROWS_BF16_DOT;
+            return !amx::int8_available() && crate::kernels::vnni::available() && !gemm_faster;
         }
+        let _ = rows;
         false
     }
 
@@ -288,6 +295,11 @@ impl FrozenMatrix {
         gemv::gemv_parallel(self.view(), self.rows, self.cols, x, m, y, alpha, accumulate);
     }
 }
+
+/// Rows up to which a Q8_0 product stays on `gemv` where the GEMM runs on AVX512-BF16 dot
+/// products (see `FrozenMatrix::infers_on_gemv`).
+#[cfg(target_arch = "x86_64")]
+const GEMV_ROWS_BF16_DOT: usize = 128;
 
 #[cfg(test)]
 mod tests {
