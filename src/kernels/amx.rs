@@ -81,15 +81,18 @@ impl ProductUnit {
 /// The fastest unit this CPU has for `matmul_bf16`, or none (bf16 weights then take the f32 GEMM).
 /// Each runs a product at about twice the f32 GEMM's rate or more where it was measured.
 pub fn product_unit() -> Option<ProductUnit> {
-    if available() {
-        Some(ProductUnit::Tiles)
-    } else if super::fp16::available() {
-        Some(ProductUnit::Fp16)
-    } else if super::dpbf16::available() {
-        Some(ProductUnit::Bf16Dot)
-    } else {
-        None
-    }
+    static UNIT: OnceLock<Option<ProductUnit>> = OnceLock::new();
+    *UNIT.get_or_init(|| {
+        if available() {
+            Some(ProductUnit::Tiles)
+        } else if super::fp16::available() {
+            Some(ProductUnit::Fp16)
+        } else if super::dpbf16::available() {
+            Some(ProductUnit::Bf16Dot)
+        } else {
+            None
+        }
+    })
 }
 
 /// True when `matmul_bf16` runs here (`product_unit()` is some).
@@ -190,6 +193,32 @@ unsafe fn microkernel(
         c_stride = in(reg) c_stride,
         options(nostack)
     );
+}
+
+/// One 32×32 block of C as `microkernel` computes it: on the tile unit (`tiles`), or on
+/// AVX512-BF16 vectors (`dpbf16::block`, the same operands and result).
+///
+/// # Safety
+/// As `microkernel`, with the tiles configured on this thread when `tiles`, AVX512-BF16 present
+/// when not.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn block_product(
+    tiles: bool,
+    a: [*const u16; 2],
+    a_row: usize,
+    a_step: usize,
+    b: [*const u16; 2],
+    depth_steps: usize,
+    c: *mut f32,
+    c_stride: usize,
+    accumulate: bool,
+) {
+    if tiles {
+        microkernel(a, a_row, a_step, b, depth_steps, c, c_stride, accumulate)
+    } else {
+        super::dpbf16::block(a, a_row, a_step, b, depth_steps, c, c_stride, accumulate)
+    }
 }
 
 /// The weight operand of `matmul_bf16`, bf16 bit patterns, row-major.
@@ -547,13 +576,7 @@ fn multiply(tiles: bool, c: &mut [f32], ldc: usize, a16: &[u16], m: usize, kp: u
                     // SAFETY: tiles configured above (or AVX512-BF16 checked by the caller); each A
                     // group and panel holds `steps` tiles of 1 KiB from depth d0 (the slices above
                     // are checked), `block` is 32 rows of 32 f32.
-                    unsafe {
-                        if tiles {
-                            microkernel(a, 64, 1024, b, steps, block.as_mut_ptr(), 4 * NR, d0 > 0)
-                        } else {
-                            super::dpbf16::block(a, 64, 1024, b, steps, block.as_mut_ptr(), 4 * NR, d0 > 0)
-                        }
-                    };
+                    unsafe { block_product(tiles, a, 64, 1024, b, steps, block.as_mut_ptr(), 4 * NR, d0 > 0) };
                 }
             }
             let cols = (n - nb * NR).min(NR);
@@ -745,11 +768,7 @@ pub(crate) fn tile_product(
                 let groups = [a.as_ptr().add(mb * MR * a_stride), a.as_ptr().add((mb * MR + 16) * a_stride)];
                 let panels = [b.as_ptr().add(2 * nb * panel_stride), b.as_ptr().add((2 * nb + 1) * panel_stride)];
                 let block = c.as_mut_ptr().add(mb * MR * ldc + nb * NR);
-                if tiles {
-                    microkernel(groups, 2 * a_stride, 64, panels, depth / KR, block, 4 * ldc, accumulate)
-                } else {
-                    super::dpbf16::block(groups, 2 * a_stride, 64, panels, depth / KR, block, 4 * ldc, accumulate)
-                }
+                block_product(tiles, groups, 2 * a_stride, 64, panels, depth / KR, block, 4 * ldc, accumulate)
             };
         }
     }
