@@ -8,7 +8,9 @@ use crate::lora::combine::{merge, unmerge};
 use crate::lora::{LoraAdapter, LoraConfig, TargetModules};
 use crate::model::adapt::{LowRankSource, NoAdapter};
 use crate::model::decoder::{SeqCache, SeqStep};
+use crate::model::frozen::FrozenMatrix;
 use crate::model::DecoderModel;
+use crate::model::WeightFormat;
 use crate::pretrained::Pretrained;
 use crate::rng::Rng;
 use crate::train::AdamW;
@@ -349,6 +351,58 @@ pub fn gemm(n: usize, repeats: usize) -> Result<Value> {
     Ok(json!({"bench": "sgemm", "impl": "lowrank (gemm crate)", "n": n, "threads": rayon::current_num_threads(),
            "median_gflops": square, "gflops_512x576x1536": step_shape, "bf16_gflops": bf16,
            "bf16_kernel": crate::kernels::amx::product_unit().map_or("none", |unit| unit.name())}))
+}
+
+/// The frozen-weight products of one decode step, as `lowrank serve` runs them at `rows`
+/// sequences (`FrozenMatrix::gemv`), on SmolLM2-135M's shapes with random weights: 30 layers of
+/// q, k, v, o, gate, up and down (each matrix its own memory, as in the model, so the step
+/// streams every weight once) and the LM head. Per weight format and row count: the step's
+/// median milliseconds over `repeats` runs, multiply-adds per second and weight bytes per second.
+pub fn gemv(formats: &[WeightFormat], row_counts: &[usize], repeats: usize) -> Result<Value> {
+    crate::limits::check_count("--repeats", repeats, 1, 10_000)?;
+    for &m in row_counts {
+        crate::limits::check_count("--rows", m, 1, 32)?;
+    }
+    let (hidden, kv, inter, vocab, layers) = (576, 192, 1536, 49152, 30);
+    let layer_shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)];
+    let mut rng = Rng::new(0);
+    let mut results = serde_json::Map::new();
+    for &format in formats {
+        let shapes = (0..layers).flat_map(|_| layer_shapes).chain([(vocab, hidden)]);
+        let matrices: Vec<FrozenMatrix> = shapes
+            .map(|(rows, cols)| FrozenMatrix::new(rows, cols, (0..rows * cols).map(|_| 0.02 * rng.normal()).collect(), format))
+            .collect();
+        let weight_bytes: usize = matrices.iter().map(FrozenMatrix::bytes).sum();
+        let multiply_adds: usize = matrices.iter().map(|w| w.len()).sum();
+        let mut per_rows = serde_json::Map::new();
+        for &m in row_counts {
+            let x: Vec<f32> = (0..m * inter).map(|_| rng.normal()).collect();
+            let mut y = vec![0.0f32; m * vocab];
+            let mut step = || {
+                for w in &matrices {
+                    let (rows, cols) = (w.rows, w.cols);
+                    w.gemv(&x[..m * cols], m, &mut y[..m * rows], 1.0, false);
+                }
+            };
+            step();
+            let mut ts: Vec<f64> = (0..repeats.max(3))
+                .map(|_| {
+                    let t = Instant::now();
+                    step();
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            let s = median(&mut ts);
+            per_rows.insert(
+                m.to_string(),
+                json!({"step_ms": 1e3 * s, "g_multiply_adds_per_s": (m * multiply_adds) as f64 / s / 1e9, "weight_gb_per_s": weight_bytes as f64 / s / 1e9}),
+            );
+        }
+        results.insert(format.name().to_string(), Value::Object(per_rows));
+    }
+    Ok(
+        json!({"bench": "decode_products", "impl": "lowrank", "threads": rayon::current_num_threads(), "shapes": "SmolLM2-135M", "formats": results}),
+    )
 }
 
 /// GFLOP/s of `product` (`multiply_adds` of them), median over `repeats` timed runs after one

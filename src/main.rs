@@ -263,6 +263,20 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// Frozen-weight products of one decode step (SmolLM2-135M's shapes, random weights) per
+    /// weight format at 1 and more sequences: milliseconds, multiply-adds/s, weight bytes/s.
+    Gemv {
+        /// Weight formats, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "f32,bf16,q8_0,q4_1")]
+        weights: Vec<String>,
+        /// Sequences per step, comma-separated (1 to 32).
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        rows: Vec<usize>,
+        #[arg(long, allow_negative_numbers = true, default_value_t = 20)]
+        repeats: usize,
+        #[arg(long, allow_negative_numbers = true, default_value_t = 2)]
+        threads: usize,
+    },
     /// f32 GEMM GFLOP/s.
     Gemm {
         #[arg(long, allow_negative_numbers = true, default_value_t = 2048)]
@@ -580,6 +594,10 @@ fn cmd_bench(c: BenchCommand) -> Result<()> {
             let b = lowrank::serve::load::LoadBench { model, weights, clients, adapters, requests, max_tokens, threads };
             vec![lowrank::serve::load::run(&b)?]
         }
+        BenchCommand::Gemv { weights, rows, repeats, threads } => lowrank::in_pool(threads, || {
+            let formats = weights.iter().map(|w| WeightFormat::parse(w)).collect::<Result<Vec<_>>>().context("--weights")?;
+            Ok(vec![lowrank::bench::gemv(&formats, &rows, repeats)?])
+        })?,
         BenchCommand::Gemm { n, repeats, threads } => lowrank::in_pool(threads, || Ok(vec![lowrank::bench::gemm(n, repeats)?]))?,
     };
     for r in results {

@@ -88,11 +88,13 @@ pub struct Activations {
     /// multiplies; zeros past the row's blocks.
     block_sum: Vec<f32>,
     sums_stride: usize,
-    /// Q8_0 from `GROUP_MIN_ROWS` rows on, `[rows × chunks]`: the values as signed bytes (`x`
-    /// is them + 128), and `[rows × 2·chunks]`: −128 · Σq of each block, for the products that
-    /// take the weights as the unsigned operand (`q8_0_group`); empty below.
-    signed: Vec<Chunk>,
+    /// Q8_0 from `GROUP_MIN_ROWS` rows on, for the products that take the weights as the
+    /// unsigned operand (`q8_0_group`), block-major so that one block's rows lie side by side:
+    /// `[blocks × rows × 32]` the values as signed bytes (`x` is them + 128), `[blocks × rows]`
+    /// −128 · Σq of each block and the block's scale; empty below.
+    signed: Vec<i8>,
     offset: Vec<i32>,
+    block_scale: Vec<f32>,
 }
 
 impl Activations {
@@ -111,6 +113,7 @@ impl Activations {
             sums_stride: 0,
             signed: Vec::new(),
             offset: Vec::new(),
+            block_scale: Vec::new(),
         };
         match kind {
             Kind::F32 => {
@@ -136,6 +139,7 @@ impl Activations {
                     a.x.iter_mut().for_each(|c| c.0 = [128; 64]);
                     if m >= GROUP_MIN_ROWS {
                         a.offset = vec![0; m * 2 * chunks];
+                        a.block_scale = vec![0.0; m * 2 * chunks];
                     }
                 } else {
                     a.sums_stride = (cols / BLOCK).next_multiple_of(16);
@@ -156,14 +160,21 @@ impl Activations {
                         if kind == Kind::Q4_1 {
                             a.block_sum[i * a.sums_stride + b] = s * sum as f32;
                         } else if m >= GROUP_MIN_ROWS {
-                            a.offset[i * 2 * chunks + b] = -128 * sum;
+                            a.offset[b * m + i] = -128 * sum;
+                            a.block_scale[b * m + i] = s;
                         }
                     }
                 }
             }
         }
         if kind == Kind::Q8_0 && m >= GROUP_MIN_ROWS {
-            a.signed = a.x.iter().map(|c| Chunk(c.0.map(|v| v ^ 0x80))).collect();
+            a.signed = vec![0; 2 * chunks * m * BLOCK];
+            for (b, block) in a.signed.chunks_exact_mut(m * BLOCK).enumerate() {
+                for (i, dst) in block.chunks_exact_mut(BLOCK).enumerate() {
+                    let src: &[u8; BLOCK] = a.x[i * chunks + b / 2].0[BLOCK * (b % 2)..][..BLOCK].try_into().expect("a block");
+                    dst.copy_from_slice(&src.map(|v| (v ^ 0x80) as i8));
+                }
+            }
         }
         a
     }
@@ -640,34 +651,44 @@ unsafe fn q8_0_group<const M: usize>(f: Q8_0Rows, x: &Activations, j0: usize, i0
     let scales = f.scale.as_ptr().add(j0 * blocks);
     let rows = f.q.as_ptr().add(j0 * cols);
     let mut acc = [_mm512_setzero_ps(); M];
+    let mut w_scales = [_mm512_setzero_ps(); 8];
     for b in 0..blocks {
-        if b % 2 == 0 && b + 8 < blocks {
-            // Eight blocks (four cache lines) ahead in each of the 16 rows, which are read as
-            // 16 streams at once (not measured apart from the rest).
-            for r in 0..16 {
-                _mm_prefetch::<_MM_HINT_T0>(rows.add(r * cols + (b + 8) * BLOCK));
-            }
+        // The next group's 16 rows (one contiguous run of 16 · cols bytes), 8 of its cache lines
+        // per block here, so the whole group has been asked for when this one ends.
+        for l in 0..8 {
+            _mm_prefetch::<_MM_HINT_T0>(rows.wrapping_add(16 * cols + 64 * (8 * b + l)));
         }
+        // And its scales (16 · blocks values, one cache line per block here), which the gather
+        // below otherwise waits for, one line per row.
+        _mm_prefetch::<_MM_HINT_T0>(scales.wrapping_add(16 * blocks + 16 * b) as *const i8);
         // The weights as the unsigned operand (w + 128), so that each activation's four bytes
         // are the broadcast operand straight from memory; `offset` (−128 · Σq) corrects for the
         // 128 added.
         let w = transpose_block(rows.add(b * BLOCK), cols).map(|v| _mm512_xor_si512(v, _mm512_set1_epi8(-128)));
-        let w_scale = _mm512_i32gather_ps::<4>(scale_index, scales.add(b));
+        // The 16 rows' scales of this block: eight blocks' at a time through the same transpose
+        // (each row's eight f32 are 32 bytes), a gather for the last blocks of a row that are
+        // fewer than eight (a whole run there would read past the matrix).
+        if b % 8 == 0 && b + 8 <= blocks {
+            w_scales = transpose_block(scales.add(b) as *const i8, 4 * blocks).map(|v| _mm512_castsi512_ps(v));
+        }
+        let w_scale = if b / 8 * 8 + 8 <= blocks { w_scales[b % 8] } else { _mm512_i32gather_ps::<4>(scale_index, scales.add(b)) };
         // Eight activation rows at a time: eight independent chains of products in flight (one
         // row's eight multiply-adds in a row would wait on each other's latency).
         for i8 in (0..M).step_by(8) {
-            let xq: [*const i32; 8] =
-                std::array::from_fn(|k| (x.signed.as_ptr().add((i0 + i8 + k) * x.chunks + b / 2) as *const i32).add(8 * (b % 2)));
-            let mut dot: [__m512i; 8] = std::array::from_fn(|k| _mm512_set1_epi32(x.offset[(i0 + i8 + k) * 2 * x.chunks + b]));
+            // Rows i0 + i8.. of block b: their bytes, offsets and scales each side by side.
+            let first = b * x.rows + i0 + i8;
+            let xq = x.signed.as_ptr().add(first * BLOCK) as *const i32;
+            let (offsets, x_scales) = (x.offset.as_ptr().add(first), x.block_scale.as_ptr().add(first));
+            let mut dot: [__m512i; 8] = std::array::from_fn(|k| _mm512_set1_epi32(offsets.add(k).read()));
             for (t, v) in w.iter().enumerate() {
                 for k in 0..8 {
-                    dot[k] = _mm512_dpbusd_epi32(dot[k], *v, _mm512_set1_epi32(xq[k].add(t).read()));
+                    dot[k] = _mm512_dpbusd_epi32(dot[k], *v, _mm512_set1_epi32(xq.add(8 * k + t).read()));
                 }
             }
             for k in 0..8 {
                 let i = i8 + k;
-                let x_scale = *(x.scale.as_ptr().add((i0 + i) * x.chunks + b / 2) as *const f32).add(8 * (b % 2));
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[k]), _mm512_mul_ps(w_scale, _mm512_set1_ps(x_scale)), acc[i]);
+                acc[i] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[k]), _mm512_mul_ps(w_scale, _mm512_set1_ps(x_scales.add(k).read())), acc[i]);
             }
         }
     }
