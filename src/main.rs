@@ -269,7 +269,7 @@ enum BenchCommand {
         /// Weight formats, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "f32,bf16,q8_0,q4_1")]
         weights: Vec<String>,
-        /// Sequences per step, comma-separated (1 to 32).
+        /// Rows per step, comma-separated: sequences decoding, or prompt tokens (1 to 4096).
         #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
         rows: Vec<usize>,
         #[arg(long, allow_negative_numbers = true, default_value_t = 20)]

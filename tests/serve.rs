@@ -184,6 +184,18 @@ fn openai_shapes_and_mixed_adapter_requests_equal_generating_alone() {
     assert_eq!(v["choices"][0]["text"].as_str().unwrap(), &full[..full.find(&stop).unwrap()]);
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
 
+    // `ignore_eos` (vLLM's extension) generates past the end of the answer, to `max_tokens`.
+    let short = |ignore_eos: bool| {
+        let mut body = json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 300, "temperature": 0});
+        body["ignore_eos"] = json!(ignore_eos);
+        let (status, _, v) = post(addr, "/v1/completions", &body);
+        assert_eq!(status, 200, "{v}");
+        (v["usage"]["completion_tokens"].as_u64().unwrap(), v["choices"][0]["finish_reason"].as_str().unwrap().to_string())
+    };
+    let (ended, reason) = short(false);
+    assert!(ended < 300 && reason == "stop", "the base model ends this answer itself: {ended} tokens, {reason}");
+    assert_eq!(short(true), (300, "length".to_string()));
+
     // Concurrent requests over the base and both adapters, batched together.
     let cases: Vec<(&str, Option<PathBuf>, &str)> = vec![
         ("smollm2", None, "Say hello."),

@@ -343,15 +343,24 @@ pub fn gemv_parallel(w: Row, rows: usize, cols: usize, x: &[f32], m: usize, y: &
     }
     // Transposed 16 weight rows at a time, so the `16·m` products read stay in L1 while they
     // go out to `m` rows of `y` (reading `t` with a stride of `m` for each of `y`'s rows in turn
-    // read the LM head's products 16 times over from L3).
-    for (jb, block) in t.chunks(16 * m).enumerate() {
-        for i in 0..m {
-            let dst = &mut y[i * rows + 16 * jb..][..block.len() / m];
-            for (j, o) in dst.iter_mut().enumerate() {
-                let v = alpha * block[j * m + i];
-                *o = if accumulate { *o + v } else { v };
+    // read the LM head's products 16 times over from L3). Beyond 16 rows (a prompt chunk), in
+    // parallel over runs of 16 rows of `y`, each reading 16 products side by side.
+    let transpose = |i0: usize, y: &mut [f32]| {
+        let n = y.len() / rows;
+        for (jb, block) in t.chunks(16 * m).enumerate() {
+            for i in 0..n {
+                let dst = &mut y[i * rows + 16 * jb..][..block.len() / m];
+                for (j, o) in dst.iter_mut().enumerate() {
+                    let v = alpha * block[j * m + i0 + i];
+                    *o = if accumulate { *o + v } else { v };
+                }
             }
         }
+    };
+    if m > 16 {
+        y.par_chunks_mut(16 * rows).enumerate().for_each(|(k, y)| transpose(16 * k, y));
+    } else {
+        transpose(0, y);
     }
     PRODUCTS.set(products);
 }

@@ -137,48 +137,83 @@ impl Activations {
                 if kind == Kind::Q8_0 {
                     // Padding: q = 0 (stored as 128) under a zero weight and a zero scale.
                     a.x.iter_mut().for_each(|c| c.0 = [128; 64]);
-                    if m >= GROUP_MIN_ROWS {
-                        a.offset = vec![0; m * 2 * chunks];
-                        a.block_scale = vec![0.0; m * 2 * chunks];
-                    }
                 } else {
                     a.sums_stride = (cols / BLOCK).next_multiple_of(16);
                     a.block_sum = vec![0.0; m * a.sums_stride];
                 }
                 assert!(available(), "Activations::new without AVX-512 VNNI");
-                for (i, row) in x.chunks_exact(cols).enumerate() {
+                // Each block's scale and Σq, row by row.
+                let blocks = cols / BLOCK;
+                let mut stats = vec![(0.0f32, 0i32); m * blocks];
+                let quantize_row = |row: &[f32], xr: &mut [Chunk], sr: &mut [Chunk], st: &mut [(f32, i32)]| {
                     for (b, block) in row.chunks_exact(BLOCK).enumerate() {
-                        let c = i * chunks + b / 2;
-                        let half = b % 2;
+                        let (c, half) = (b / 2, b % 2);
                         // SAFETY: checked above that the CPU has AVX-512; the block is 32 values.
-                        let (s, sum) = unsafe { quantize_into(kind, block, &mut a.x[c], half) };
+                        let (s, sum) = unsafe { quantize_into(kind, block, &mut xr[c], half) };
                         // Lane l of a chunk holds bytes 4l..4l+4.
                         for l in (0..16).filter(|&l| lane_block(kind, l) == half) {
                             // Q4_1's high nibbles (lanes 8..16) come in 16 times their value.
-                            a.scale[c].f32s()[l] = if kind == Kind::Q4_1 && l >= 8 { s / 16.0 } else { s };
+                            sr[c].f32s()[l] = if kind == Kind::Q4_1 && l >= 8 { s / 16.0 } else { s };
                         }
-                        if kind == Kind::Q4_1 {
-                            a.block_sum[i * a.sums_stride + b] = s * sum as f32;
-                        } else if m >= GROUP_MIN_ROWS {
-                            a.offset[b * m + i] = -128 * sum;
-                            a.block_scale[b * m + i] = s;
-                        }
+                        st[b] = (s, sum);
                     }
+                };
+                if m >= PARALLEL_ROWS {
+                    use rayon::prelude::*;
+                    let (xs, ss, sts) =
+                        (a.x.par_chunks_exact_mut(chunks), a.scale.par_chunks_exact_mut(chunks), stats.par_chunks_exact_mut(blocks));
+                    x.par_chunks_exact(cols).zip(xs.zip(ss).zip(sts)).for_each(|(row, ((xr, sr), st))| quantize_row(row, xr, sr, st));
+                } else {
+                    let (xs, ss, sts) = (a.x.chunks_exact_mut(chunks), a.scale.chunks_exact_mut(chunks), stats.chunks_exact_mut(blocks));
+                    x.chunks_exact(cols).zip(xs.zip(ss).zip(sts)).for_each(|(row, ((xr, sr), st))| quantize_row(row, xr, sr, st));
                 }
-            }
-        }
-        if kind == Kind::Q8_0 && m >= GROUP_MIN_ROWS {
-            a.signed = vec![0; 2 * chunks * m * BLOCK];
-            for (b, block) in a.signed.chunks_exact_mut(m * BLOCK).enumerate() {
-                for (i, dst) in block.chunks_exact_mut(BLOCK).enumerate() {
-                    let src: &[u8; BLOCK] = a.x[i * chunks + b / 2].0[BLOCK * (b % 2)..][..BLOCK].try_into().expect("a block");
-                    dst.copy_from_slice(&src.map(|v| (v ^ 0x80) as i8));
+                if kind == Kind::Q4_1 {
+                    for (sums, st) in a.block_sum.chunks_exact_mut(a.sums_stride).zip(stats.chunks_exact(blocks)) {
+                        sums.iter_mut().zip(st).for_each(|(d, &(s, sum))| *d = s * sum as f32);
+                    }
+                } else if m >= GROUP_MIN_ROWS {
+                    a.group_q8_0(&stats);
                 }
             }
         }
         a
     }
+
+    /// The block-major copy `q8_0_group` reads (see `signed`), from the rounded rows and each
+    /// block's `(scale, Σq)` in `stats` (`[rows × blocks]`); in parallel over blocks for many rows.
+    fn group_q8_0(&mut self, stats: &[(f32, i32)]) {
+        let (m, chunks) = (self.rows, self.chunks);
+        let blocks = stats.len() / m;
+        self.signed = vec![0; blocks * m * BLOCK];
+        self.offset = vec![0; blocks * m];
+        self.block_scale = vec![0.0; blocks * m];
+        let x = &self.x;
+        let fill = |b: usize, signed: &mut [i8], offset: &mut [i32], scale: &mut [f32]| {
+            for (i, dst) in signed.chunks_exact_mut(BLOCK).enumerate() {
+                let src: &[u8; BLOCK] = x[i * chunks + b / 2].0[BLOCK * (b % 2)..][..BLOCK].try_into().expect("a block");
+                dst.copy_from_slice(&src.map(|v| (v ^ 0x80) as i8));
+                let (s, sum) = stats[i * blocks + b];
+                (offset[i], scale[i]) = (-128 * sum, s);
+            }
+        };
+        if m >= PARALLEL_ROWS {
+            use rayon::prelude::*;
+            let parts = self
+                .signed
+                .par_chunks_exact_mut(m * BLOCK)
+                .zip(self.offset.par_chunks_exact_mut(m))
+                .zip(self.block_scale.par_chunks_exact_mut(m));
+            parts.enumerate().for_each(|(b, ((signed, offset), scale))| fill(b, signed, offset, scale));
+        } else {
+            let parts =
+                self.signed.chunks_exact_mut(m * BLOCK).zip(self.offset.chunks_exact_mut(m)).zip(self.block_scale.chunks_exact_mut(m));
+            parts.enumerate().for_each(|(b, ((signed, offset), scale))| fill(b, signed, offset, scale));
+        }
+    }
 }
+
+/// From this many activation rows on (a prompt chunk), `Activations::new` rounds them in parallel.
+const PARALLEL_ROWS: usize = 64;
 
 /// `quantize_block` of the 32 values of `block`, written into block `half` (0 or 1) of `dst`:
 /// Q8_0 as `q + 128` in natural order, Q4_1 as signed values in the order its nibbles unpack to,
@@ -605,33 +640,32 @@ unsafe fn rows_from<F: Format>(f: F, x: &Activations, first: usize, n: usize, mu
 const GROUP_MIN_ROWS: usize = 8;
 
 /// `rows` for a Q8_0 weight: from 8 activation rows on, 16 weight rows at a time in one vector
-/// (`q8_0_group`), the weight rows left over (fewer than 16) as `rows` takes them.
+/// (`q8_0_group`), the weight rows left over (fewer than 16) as `rows` takes them. Each group of
+/// weight rows meets every pass of 16 (then 8) activation rows while it sits in the first-level
+/// cache, so a prompt of many rows reads the weights from memory once, not once per pass.
 #[inline(always)]
 unsafe fn q8_0_rows(f: Q8_0Rows, x: &Activations, first: usize, n: usize, out: &mut [f32]) {
-    let mut i = 0;
-    while i + GROUP_MIN_ROWS <= x.rows {
-        i += if x.rows - i >= 16 {
-            q8_0_pass::<16, 1>(f, x, first, n, i, out);
-            16
-        } else {
-            q8_0_pass::<8, 2>(f, x, first, n, i, out);
-            8
-        };
-    }
-    rows_from(f, x, first, n, i, out)
-}
-
-/// Activation rows `i..i + M` against weight rows `first..first + n`: whole groups of 16 weight
-/// rows in `q8_0_group`, the rest in `tile`s of `R` rows (as `rows` takes `M` activation rows).
-#[inline(always)]
-unsafe fn q8_0_pass<const M: usize, const R: usize>(f: Q8_0Rows, x: &Activations, first: usize, n: usize, i: usize, out: &mut [f32]) {
-    let grouped = n / 16 * 16;
+    let (sixteens, eight) = (x.rows / 16, x.rows % 16 >= GROUP_MIN_ROWS);
+    let passed = 16 * sixteens + if eight { 8 } else { 0 };
+    let grouped = if passed > 0 { n / 16 * 16 } else { 0 };
     for j in (first..first + grouped).step_by(16) {
-        q8_0_group::<M>(f, x, j, i, out, first);
+        for p in 0..sixteens {
+            q8_0_group::<16>(f, x, j, 16 * p, out, first, !eight && p + 1 == sixteens);
+        }
+        if eight {
+            q8_0_group::<8>(f, x, j, 16 * sixteens, out, first, true);
+        }
     }
-    if grouped < n {
-        tiles::<_, R, M>(f, x, first + grouped, n - grouped, i, &mut out[grouped * x.rows..]);
+    if grouped < n && passed > 0 {
+        let rest = &mut out[grouped * x.rows..];
+        for p in 0..sixteens {
+            tiles::<_, 1, 16>(f, x, first + grouped, n - grouped, 16 * p, rest);
+        }
+        if eight {
+            tiles::<_, 2, 8>(f, x, first + grouped, n - grouped, 16 * sixteens, rest);
+        }
     }
+    rows_from(f, x, first, n, passed, out)
 }
 
 /// Q8_0 weight rows `j0..j0 + 16` against activation rows `i0..i0 + M`, with the 16 weight rows
@@ -643,7 +677,15 @@ unsafe fn q8_0_pass<const M: usize, const R: usize>(f: Q8_0Rows, x: &Activations
 /// 24.5 / 31.5 µs against 51.1 / 41.4 through `tile`. `M` is 8 or 16.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // index loops: the eight chains advance in step
-unsafe fn q8_0_group<const M: usize>(f: Q8_0Rows, x: &Activations, j0: usize, i0: usize, out: &mut [f32], first_row: usize) {
+unsafe fn q8_0_group<const M: usize>(
+    f: Q8_0Rows,
+    x: &Activations,
+    j0: usize,
+    i0: usize,
+    out: &mut [f32],
+    first_row: usize,
+    prefetch_next: bool,
+) {
     assert!(M.is_multiple_of(8) && x.rows >= GROUP_MIN_ROWS);
     let (cols, blocks) = (f.cols, f.cols / BLOCK);
     let scale_index =
@@ -653,14 +695,16 @@ unsafe fn q8_0_group<const M: usize>(f: Q8_0Rows, x: &Activations, j0: usize, i0
     let mut acc = [_mm512_setzero_ps(); M];
     let mut w_scales = [_mm512_setzero_ps(); 8];
     for b in 0..blocks {
-        // The next group's 16 rows (one contiguous run of 16 · cols bytes), 8 of its cache lines
-        // per block here, so the whole group has been asked for when this one ends.
-        for l in 0..8 {
-            _mm_prefetch::<_MM_HINT_T0>(rows.wrapping_add(16 * cols + 64 * (8 * b + l)));
+        if prefetch_next {
+            // The next group's 16 rows (one contiguous run of 16 · cols bytes), 8 of its cache
+            // lines per block here, so the whole group has been asked for when this one ends.
+            for l in 0..8 {
+                _mm_prefetch::<_MM_HINT_T0>(rows.wrapping_add(16 * cols + 64 * (8 * b + l)));
+            }
+            // And its scales (16 · blocks values, one cache line per block here), which the
+            // gather below otherwise waits for, one line per row.
+            _mm_prefetch::<_MM_HINT_T0>(scales.wrapping_add(16 * blocks + 16 * b) as *const i8);
         }
-        // And its scales (16 · blocks values, one cache line per block here), which the gather
-        // below otherwise waits for, one line per row.
-        _mm_prefetch::<_MM_HINT_T0>(scales.wrapping_add(16 * blocks + 16 * b) as *const i8);
         // The weights as the unsigned operand (w + 128), so that each activation's four bytes
         // are the broadcast operand straight from memory; `offset` (−128 · Σq) corrects for the
         // 128 added.
@@ -779,7 +823,7 @@ mod tests {
             for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8_0, WeightFormat::Q4_1] {
                 let fm = FrozenMatrix::new(rows, cols, w.clone(), format);
                 let values = fm.to_f32();
-                for m in [1, 2, 3, 5, 7, 12, 16, 31] {
+                for m in [1, 2, 3, 5, 7, 12, 16, 31, 40] {
                     let x = randn(&mut rng, m * cols, 2.0);
                     let acts = Activations::new(fm.view(), &x, m, cols);
                     let xr = rounded(fm.view(), &x, cols);

@@ -73,7 +73,7 @@ impl Linear {
     /// `forward`, but on `gemv` at any number of rows where that is faster
     /// (`FrozenMatrix::infers_on_gemv`).
     pub(crate) fn infer(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        if self.w.infers_on_gemv(rows) {
+        if self.w.infers_on_gemv() {
             self.w.gemv(x, rows, y, 1.0, false);
         } else {
             project(&self.w, x, rows, y);

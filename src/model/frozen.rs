@@ -267,24 +267,24 @@ impl FrozenMatrix {
         self.with_dense(|w| w.backward(dx, dy, m, self.rows, self.cols, accumulate))
     }
 
-    /// Whether inference should take this matrix through `gemv` for `rows` rows: a Q8_0 matrix
+    /// Whether inference should take this matrix through `gemv` at any number of rows: a Q8_0 matrix
     /// on a CPU with AVX-512 VNNI but no AMX, where the 8-bit products (16 weight rows at a time,
-    /// `vnni::q8_0_group`) beat `matmul_t`.
-    /// - Against the f32 GEMM (Xeon without AMX; SmolLM2's 1536 × 576, 2 threads) at every size
-    ///   measured: 48 rows 452 vs 1324 µs, 128 rows 1124 vs 2047, 512 rows 4343 vs 4447. That
-    ///   also holds where the products run on AVX512-FP16 vectors (not measured against them).
-    /// - Against AVX512-BF16 dot products (`amx::ProductUnit::Bf16Dot`, AMD EPYC, `bench decode
-    ///   --weights q8_0` prefill tokens/s, alternating runs) only up to `GEMV_ROWS_BF16_DOT`: 48
-    ///   rows 867–1036 vs 361–584, 128 rows 777–1120 vs 1027–1028, 512 rows 854–954 vs 1212–1259.
+    /// `vnni::q8_0_group`) beat `matmul_t` at every size measured.
+    /// - Against the f32 GEMM (Xeon without AMX; SmolLM2's 1536 × 576, 2 threads): 48 rows 452
+    ///   vs 1324 µs, 128 rows 1124 vs 2047, 512 rows 4343 vs 4447. That also holds where the
+    ///   products run on AVX512-FP16 vectors (not measured against them).
+    /// - Against AVX512-BF16 dot products (`amx::ProductUnit::Bf16Dot`, AMD EPYC, `bench gemv
+    ///   --weights q8_0`, SmolLM2's 210 layer products, ms, three alternating pairs): 256 rows
+    ///   128.6 / 128.5 / 129.1 vs 162.6 / 161.2 / 161.7, 512 rows 273.1 / 268.2 / 269.2 vs 301.0 /
+    ///   293.1 / 345.4, once each weight group meets every activation row while it is in cache
+    ///   and the activations are rounded in parallel (before, the GEMM won beyond 128 rows).
     ///
     /// Training keeps `matmul_t`: its forward and backward then multiply the same activations.
-    pub fn infers_on_gemv(&self, rows: usize) -> bool {
+    pub fn infers_on_gemv(&self) -> bool {
         #[cfg(target_arch = "x86_64")]
         if matches!(self.data, Data::Q8_0 { .. }) {
-            let gemm_faster = amx::product_unit() == Some(amx::ProductUnit::Bf16Dot) && rows > GEMV_ROWS_BF16_DOT;
-            return !amx::int8_available() && crate::kernels::vnni::available() && !gemm_faster;
+            return !amx::int8_available() && crate::kernels::vnni::available();
         }
-        let _ = rows;
         false
     }
 
@@ -295,11 +295,6 @@ impl FrozenMatrix {
         gemv::gemv_parallel(self.view(), self.rows, self.cols, x, m, y, alpha, accumulate);
     }
 }
-
-/// Rows up to which a Q8_0 product stays on `gemv` where the GEMM runs on AVX512-BF16 dot
-/// products (see `FrozenMatrix::infers_on_gemv`).
-#[cfg(target_arch = "x86_64")]
-const GEMV_ROWS_BF16_DOT: usize = 128;
 
 #[cfg(test)]
 mod tests {

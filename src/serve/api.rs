@@ -40,6 +40,9 @@ pub struct CompletionRequest {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// vLLM's extension: generate past the model's end-of-sequence tokens, up to `max_tokens`
+    /// (stop strings still apply). Load tests use it so every request is the same length.
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -211,6 +214,7 @@ pub fn parse_completion(body: &[u8], chat: bool, max_context: usize) -> Result<C
         stop,
         stream: opt_bool(&v, "stream")?,
         include_usage,
+        ignore_eos: opt_bool(&v, "ignore_eos")?,
     })
 }
 
@@ -272,10 +276,12 @@ mod tests {
     #[test]
     fn requests_parse_and_errors_name_their_field() {
         let r = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"max_tokens":5,"stop":"x","seed":3,"extra":1}"#).unwrap();
-        assert_eq!((r.max_tokens, r.stop.clone(), r.seed, r.stream), (Some(5), vec!["x".to_string()], 3, false));
+        assert_eq!((r.max_tokens, r.stop.clone(), r.seed, r.stream, r.ignore_eos), (Some(5), vec!["x".to_string()], 3, false, false));
         assert!(matches!(&r.input, Input::Messages(m) if m[0] == ("user".to_string(), "hi".to_string())));
-        let r = chat(r#"{"model":"m","messages":[{"role":"user","content":"a"}],"max_tokens":5,"max_completion_tokens":7}"#).unwrap();
-        assert_eq!(r.max_tokens, Some(7));
+        let r =
+            chat(r#"{"model":"m","messages":[{"role":"user","content":"a"}],"max_tokens":5,"max_completion_tokens":7,"ignore_eos":true}"#)
+                .unwrap();
+        assert_eq!((r.max_tokens, r.ignore_eos), (Some(7), true));
         for (body, param) in [
             ("{", "body"),
             ("[]", "body"),
@@ -288,6 +294,7 @@ mod tests {
             (r#"{"model":"m","messages":[{"role":"user","content":"a"}],"max_tokens":0}"#, "max_tokens"),
             (r#"{"model":"m","messages":[{"role":"user","content":"a"}],"stop":["a","b","c","d","e"]}"#, "stop"),
             (r#"{"model":"m","messages":[{"role":"user","content":"a"}],"top_p":0}"#, "top_p"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"a"}],"ignore_eos":1}"#, "ignore_eos"),
         ] {
             let e = chat(body).unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{body}: {}", e.message);

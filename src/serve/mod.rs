@@ -245,7 +245,7 @@ async fn completion(s: &Arc<AppState>, headers: &HeaderMap, body: Result<Bytes, 
             repetition_penalty: 1.0,
             seed: req.seed,
         },
-        stop_ids: p.stop_ids(),
+        stop_ids: if req.ignore_eos { Vec::new() } else { p.stop_ids() },
         stop_strings: req.stop.clone(),
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
