@@ -1,9 +1,12 @@
 //! Wall time per phase of the model's work, for `lowrank bench train --profile`. Off unless
 //! enabled; a timed region then costs one relaxed atomic load. Regions are timed on the calling
-//! thread around whole kernels (which parallelize inside), never nested, so the phases of a step
-//! add up to at most its wall time; the rest is copies, layout changes and allocation.
+//! thread around whole kernels (which parallelize inside). Only the outermost region records: a
+//! region opened while another is open, on any thread (a kernel timed inside a parallel loop that
+//! is timed as a whole, as decode attention runs one task per sequence), counts under the outer
+//! one, so the phases of a step add up to at most its wall time; the rest is copies, layout
+//! changes and allocation.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +41,8 @@ impl Phase {
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// Timed regions open now, on all threads.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
 static NANOS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
 
 /// Starts or stops recording.
@@ -45,17 +50,21 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Records the time until it is dropped under its phase (when recording is on).
-pub struct Timer(Option<(Phase, Instant)>);
+/// Records the time until it is dropped under its phase (when recording is on and no other
+/// region is open).
+pub struct Timer(Option<(Phase, Instant, bool)>);
 
 pub fn time(phase: Phase) -> Timer {
-    Timer(ENABLED.load(Ordering::Relaxed).then(|| (phase, Instant::now())))
+    Timer(ENABLED.load(Ordering::Relaxed).then(|| (phase, Instant::now(), OPEN.fetch_add(1, Ordering::Relaxed) == 0)))
 }
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        if let Some((phase, start)) = self.0 {
-            NANOS[phase as usize].fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Some((phase, start, outermost)) = self.0 {
+            OPEN.fetch_sub(1, Ordering::Relaxed);
+            if outermost {
+                NANOS[phase as usize].fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
         }
     }
 }

@@ -309,6 +309,12 @@ pub fn gemv_parallel(w: Row, rows: usize, cols: usize, x: &[f32], m: usize, y: &
         products.resize(rows * m, 0.0);
     }
     let t = &mut products[..rows * m];
+    let out = Columns { y: y.as_mut_ptr(), rows, m, alpha, accumulate, _y: std::marker::PhantomData };
+    // Each task's products go out to `y` as soon as they are made, while they are in cache, and
+    // on both threads (written after all of them, on one thread, they were a tenth of a 16-row
+    // decode step's products).
+    // SAFETY (every `out.put` below): the tasks hold disjoint runs of weight rows, so they write
+    // disjoint columns of `y`.
     #[cfg(target_arch = "x86_64")]
     let done = match w {
         // On AMX tiles from TILE_ROWS rows on, the activations rounded as `vnni` rounds them (so
@@ -317,12 +323,14 @@ pub fn gemv_parallel(w: Row, rows: usize, cols: usize, x: &[f32], m: usize, y: &
             tile_groups(t, x, m, cols, chunk, super::amx::Q8Rows::new, |xq, first, n, o| {
                 super::amx::q8_0_product(scale, q, cols, first, n, xq, o)
             });
+            t.par_chunks(chunk * m).enumerate().for_each(|(c, o)| unsafe { out.put(c * chunk, o) });
             true
         }
         Row::Bf16(wb) if m >= TILE_ROWS && cols.is_multiple_of(32) && super::amx::available() => {
             tile_groups(t, x, m, cols, chunk, super::amx::Bf16Rows::new, |xb, first, n, o| {
                 super::amx::bf16_product(wb, cols, first, n, xb, o)
             });
+            t.par_chunks(chunk * m).enumerate().for_each(|(c, o)| unsafe { out.put(c * chunk, o) });
             true
         }
         _ => false,
@@ -332,37 +340,60 @@ pub fn gemv_parallel(w: Row, rows: usize, cols: usize, x: &[f32], m: usize, y: &
         || super::vnni::available() && {
             // The activations rounded once for all tasks, to the weight's dot-product type.
             let acts = super::vnni::Activations::new(w, x, m, cols);
-            // SAFETY: `available()` checked that the CPU has the instructions.
-            t.par_chunks_mut(chunk * m).enumerate().for_each(|(c, o)| unsafe { super::vnni::gemv(w, cols, c * chunk, &acts, o) });
+            t.par_chunks_mut(chunk * m).enumerate().for_each(|(c, o)| {
+                // SAFETY: `available()` checked that the CPU has the instructions.
+                unsafe { super::vnni::gemv(w, cols, c * chunk, &acts, o) };
+                unsafe { out.put(c * chunk, o) };
+            });
             true
         };
     #[cfg(not(target_arch = "x86_64"))]
     let done = false;
     if !done {
-        t.par_chunks_mut(chunk * m).enumerate().for_each(|(c, o)| gemv(w, cols, c * chunk, x, m, o));
+        t.par_chunks_mut(chunk * m).enumerate().for_each(|(c, o)| {
+            gemv(w, cols, c * chunk, x, m, o);
+            unsafe { out.put(c * chunk, o) };
+        });
     }
-    // Transposed 16 weight rows at a time, so the `16·m` products read stay in L1 while they
-    // go out to `m` rows of `y` (reading `t` with a stride of `m` for each of `y`'s rows in turn
-    // read the LM head's products 16 times over from L3). Beyond 16 rows (a prompt chunk), in
-    // parallel over runs of 16 rows of `y`, each reading 16 products side by side.
-    let transpose = |i0: usize, y: &mut [f32]| {
-        let n = y.len() / rows;
-        for (jb, block) in t.chunks(16 * m).enumerate() {
-            for i in 0..n {
-                let dst = &mut y[i * rows + 16 * jb..][..block.len() / m];
-                for (j, o) in dst.iter_mut().enumerate() {
-                    let v = alpha * block[j * m + i0 + i];
-                    *o = if accumulate { *o + v } else { v };
+    PRODUCTS.set(products);
+}
+
+/// `gemv_parallel`'s output `y[m × rows]`, written by parallel tasks that each hold a run of
+/// weight rows, so each writes its own columns of every row of `y`.
+struct Columns<'a> {
+    y: *mut f32,
+    rows: usize,
+    m: usize,
+    alpha: f32,
+    accumulate: bool,
+    _y: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: the tasks that share it write disjoint columns (`put`'s contract).
+unsafe impl Sync for Columns<'_> {}
+
+impl Columns<'_> {
+    /// `y[i][first + j] (+)= alpha · o[j·m + i]` for the products `o` (`[n × m]`) of weight rows
+    /// `first..first + n`, 16 weight rows at a time so that the `16·m` products read stay in L1
+    /// while they go out to the `m` rows of `y`.
+    ///
+    /// # Safety
+    /// No other thread may write columns `first..first + n` of `y` at the same time.
+    unsafe fn put(&self, first: usize, o: &[f32]) {
+        let (rows, m) = (self.rows, self.m);
+        assert!(first + o.len() / m <= rows);
+        for (jb, block) in o.chunks(16 * m).enumerate() {
+            for i in 0..m {
+                let at = i * rows + first + 16 * jb;
+                // SAFETY: inside `y` (checked above), and these columns are this caller's.
+                let dst = unsafe { std::slice::from_raw_parts_mut(self.y.add(at), block.len() / m) };
+                for (j, d) in dst.iter_mut().enumerate() {
+                    let v = self.alpha * block[j * m + i];
+                    *d = if self.accumulate { *d + v } else { v };
                 }
             }
         }
-    };
-    if m > 16 {
-        y.par_chunks_mut(16 * rows).enumerate().for_each(|(k, y)| transpose(16 * k, y));
-    } else {
-        transpose(0, y);
     }
-    PRODUCTS.set(products);
 }
 
 thread_local! {

@@ -610,6 +610,9 @@ impl DecoderModel {
         };
         let mut attend = |q_tok: &[f32], k_tok: &[f32], v_tok: &[f32]| {
             use rayon::prelude::*;
+            // Timed as a whole (RoPE and the cache writes included): the kernels' own timers run
+            // inside the parallel loop, where they would add up both threads' time.
+            let _timer = crate::profile::time(crate::profile::Phase::Attention);
             let (qd, kvd) = (heads * hd, kv_heads * hd);
             // The sequences in parallel, each against its own cache: a decode step's attention
             // per sequence is too small to split well across threads by heads alone.
