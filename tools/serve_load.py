@@ -5,8 +5,10 @@ C clients each send streaming chat requests one after another until N requests a
 i uses adapter i mod K. How a request names its adapter:
   --select model     "model": NAME (lowrank serve, vLLM)
   --select llamacpp  "lora": [{"id": k, "scale": 1}] (llama.cpp's server; unlisted adapters get 0)
-Prints one JSON line: aggregate generated tokens/s, time to first token and inter-token gaps
-(p50/p99, seconds) and errors.
+Every request asks for `ignore_eos` (honoured by lowrank, llama.cpp's server and vLLM), so each
+generates exactly --max-tokens and the servers are compared on the same work, not on where each
+model happens to end its answers. Prints one JSON line: aggregate generated tokens/s, time to
+first token and inter-token gaps (p50/p99, seconds) and errors.
 
     python tools/serve_load.py --url http://127.0.0.1:8000 --select model --adapters iso,euro -c 16 -n 64
 """
@@ -91,7 +93,8 @@ def main():
                     return
                 next_request[0] += 1
             body = {"model": a.model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                    "max_tokens": a.max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+                    "max_tokens": a.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
             if names:
                 k = names[i % len(names)]
                 if a.select == "model":
