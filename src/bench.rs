@@ -6,7 +6,7 @@ use crate::data::{to_batch, Sequence};
 use crate::kernels::matmul;
 use crate::lora::combine::{merge, unmerge};
 use crate::lora::{LoraAdapter, LoraConfig, TargetModules};
-use crate::model::adapt::{Linear, LowRankSource, NoAdapter};
+use crate::model::adapt::{Linear, LowRankSource, NoAdapter, DECODE_ROWS};
 use crate::model::decoder::{SeqCache, SeqStep};
 use crate::model::frozen::FrozenMatrix;
 use crate::model::DecoderModel;
@@ -378,31 +378,20 @@ pub fn gemv(formats: &[WeightFormat], row_counts: &[usize], repeats: usize) -> R
                 out_features: rows,
             })
             .collect();
-        let weight_bytes: usize = matrices.iter().map(|l| l.w.bytes()).sum();
-        let multiply_adds: usize = matrices.iter().map(|l| l.w.len()).sum();
-        let head_bytes = matrices.last().map_or(0, |l| l.w.bytes());
         let mut per_rows = serde_json::Map::new();
         for &m in row_counts {
+            // A prompt chunk takes the LM head for its last row only: left out for more rows than
+            // a decode step has.
+            let products = if m > DECODE_ROWS { &matrices[..matrices.len() - 1] } else { &matrices[..] };
+            let multiply_adds: usize = products.iter().map(|l| l.w.len()).sum();
+            let weight_bytes: usize = products.iter().map(|l| l.w.bytes()).sum();
             let x: Vec<f32> = (0..m * inter).map(|_| rng.normal()).collect();
-            let mut y = vec![0.0f32; m * if m > 32 { inter } else { vocab }];
-            let mut step = || {
-                // A prompt chunk takes the LM head for its last row only: left out beyond 32 rows.
-                let products = if m > 32 { &matrices[..matrices.len() - 1] } else { &matrices[..] };
+            let mut y = vec![0.0f32; m * products.iter().map(|l| l.out_features).max().unwrap_or(0)];
+            let s = median_seconds(repeats, || {
                 for l in products {
                     l.infer(&x[..m * l.in_features], m, &mut y[..m * l.out_features]);
                 }
-            };
-            step();
-            let mut ts: Vec<f64> = (0..repeats.max(3))
-                .map(|_| {
-                    let t = Instant::now();
-                    step();
-                    t.elapsed().as_secs_f64()
-                })
-                .collect();
-            let s = median(&mut ts);
-            let (multiply_adds, weight_bytes) =
-                if m > 32 { (multiply_adds - vocab * hidden, weight_bytes - head_bytes) } else { (multiply_adds, weight_bytes) };
+            });
             per_rows.insert(
                 m.to_string(),
                 json!({"step_ms": 1e3 * s, "g_multiply_adds_per_s": (m * multiply_adds) as f64 / s / 1e9, "weight_gb_per_s": weight_bytes as f64 / s / 1e9}),
@@ -417,16 +406,21 @@ pub fn gemv(formats: &[WeightFormat], row_counts: &[usize], repeats: usize) -> R
 
 /// GFLOP/s of `product` (`multiply_adds` of them), median over `repeats` timed runs after one
 /// untimed one.
-fn gflops(multiply_adds: usize, repeats: usize, mut product: impl FnMut()) -> f64 {
-    product();
+fn gflops(multiply_adds: usize, repeats: usize, product: impl FnMut()) -> f64 {
+    2.0 * multiply_adds as f64 / median_seconds(repeats, product) / 1e9
+}
+
+/// Median seconds of `work` over `repeats` timed runs (at least 3) after one untimed one.
+fn median_seconds(repeats: usize, mut work: impl FnMut()) -> f64 {
+    work();
     let mut ts: Vec<f64> = (0..repeats.max(3))
         .map(|_| {
             let t = Instant::now();
-            product();
+            work();
             t.elapsed().as_secs_f64()
         })
         .collect();
-    2.0 * multiply_adds as f64 / median(&mut ts) / 1e9
+    median(&mut ts)
 }
 
 #[cfg(test)]

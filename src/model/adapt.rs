@@ -106,7 +106,7 @@ pub(crate) fn project(w: &FrozenMatrix, x: &[f32], rows: usize, y: &mut [f32]) {
 /// without expanding the whole matrix (a decode step of up to this many sequences); a GEMM
 /// beyond. Measured on SmolLM2 Q8_0 (`lowrank bench serve`, 16 clients): 118.6 generated
 /// tokens/s against 51.8 through the GEMM path, which expands each matrix to f32 per call.
-const DECODE_ROWS: usize = 32;
+pub(crate) const DECODE_ROWS: usize = 32;
 
 /// One low-rank update attached to a linear module, as the forward and backward passes see it:
 /// y += scale·(drop(x)·Aᵀ)·Bᵀ with A `[r, in]` and B `[out, r]`. Its gradient lives in a flat buffer
