@@ -263,8 +263,8 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
-    /// Frozen-weight products of one decode step (SmolLM2-135M's shapes, random weights) per
-    /// weight format at 1 and more sequences: milliseconds, multiply-adds/s, weight bytes/s.
+    /// Frozen-weight products of one inference step (SmolLM2-135M's shapes, random weights) per
+    /// weight format and row count (decoding sequences or prompt tokens): ms, multiply-adds/s, bytes/s.
     Gemv {
         /// Weight formats, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "f32,bf16,q8_0,q4_1")]
